@@ -1,0 +1,57 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Both create .venv and install requirements.txt first (quick when already done).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# What `make demo` runs on. The defaults are what a user online wants: COCO,
+# a downloaded subset of images, InceptionV3 with Keras's ImageNet weights.
+# Offline, point them at local files, e.g.
+#   make demo DATASET=flickr8k DATA_DIR=/data/flickr8k ENCODER=mobilenet_v2 WEIGHTS=/w/mobilenet.weights.h5 DOWNLOAD=0
+DATASET ?= coco
+DATA_DIR ?= data/coco
+ENCODER ?= inception_v3
+WEIGHTS ?= imagenet
+DOWNLOAD ?= 1
+SUBSET ?= 2000
+RUNS ?= runs
+
+.PHONY: help setup demo test data benchmarks clean clean-data
+
+help:
+	@echo "make demo        run notebooks 01-05 end to end; executed copies land in $(RUNS)/"
+	@echo "make test        run the test suite"
+	@echo "make data        download COCO caption annotations and a $(SUBSET)-image subset into $(DATA_DIR)"
+	@echo "make benchmarks  run every benchmark in benchmarks/"
+	@echo "make clean       remove executed notebooks and caches (keeps data/ downloads)"
+	@echo "make clean-data  remove everything under data/ but its README"
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@touch $@
+
+demo: setup
+	$(PY) scripts/run_notebooks.py --out $(RUNS) --dataset $(DATASET) --data-dir $(DATA_DIR) \
+		--encoder $(ENCODER) --weights $(WEIGHTS) --download $(DOWNLOAD) --subset-size $(SUBSET)
+
+test: setup
+	$(PY) -m pytest tests
+
+data: setup
+	$(PY) -m captioning.download --data-dir $(DATA_DIR) --subset-size $(SUBSET)
+
+benchmarks: setup
+	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+clean:
+	rm -rf $(RUNS) .pytest_cache data/work
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+clean-data:
+	find data -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

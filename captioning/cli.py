@@ -1,0 +1,115 @@
+"""`python -m captioning COMMAND ...`: the pipeline from the shell.
+
+Each command is a thin wrapper: it parses arguments, calls the library
+function that the matching notebook teaches, and prints a short summary.
+Library errors (ValueError, FileNotFoundError) are printed as one clear line
+and give exit status 2, rather than a traceback a learner has to decode.
+"""
+
+import argparse
+import sys
+
+DATASETS = ("coco", "flickr8k")
+ENCODERS = ("inception_v3", "mobilenet_v2")
+ARCHITECTURES = ("merge", "init-inject", "pre-inject", "par-inject")
+
+
+def _add_dataset_arguments(parser):
+    parser.add_argument("--dataset", choices=DATASETS, default="coco")
+    parser.add_argument("--data-dir", required=True, help="folder holding the dataset's annotations and images")
+
+
+def _add_encoder_arguments(parser):
+    parser.add_argument("--encoder", choices=ENCODERS, default="inception_v3")
+    parser.add_argument(
+        "--weights", default="imagenet",
+        help="'imagenet' (Keras downloads them) or the path of a local .weights.h5 file",
+    )
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m captioning", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare", help="load annotations, clean captions, build the vocabulary")
+    _add_dataset_arguments(prepare)
+    prepare.add_argument("--out", required=True, help="folder for the prepared tables and vocabulary")
+    prepare.add_argument("--min-count", type=int, default=5, help="drop words seen fewer times")
+    prepare.add_argument("--max-vocab", type=int, default=None, help="keep at most this many words")
+    prepare.add_argument("--max-length", type=int, default=20, help="longest caption in words")
+    prepare.add_argument("--karpathy-split", default=None, help="COCO only: path of Karpathy's dataset_coco.json")
+    prepare.set_defaults(handler=cmd_prepare)
+
+    features = commands.add_parser("features", help="cache CNN features of every image found on disk")
+    _add_dataset_arguments(features)
+    _add_encoder_arguments(features)
+    features.add_argument("--out", required=True, help="feature cache folder")
+    features.add_argument("--batch-size", type=int, default=32)
+    features.add_argument("--pooling", choices=("avg", "none"), default="avg",
+                          help="'avg': one vector per image; 'none': the spatial grid (for attention)")
+    features.add_argument("--shard", default=None, metavar="I/N",
+                          help="cache only shard I of N (0-based), to spread the work over machines")
+    features.set_defaults(handler=cmd_features)
+
+    train = commands.add_parser("train", help="prepare, cache features and train a captioner")
+    _add_dataset_arguments(train)
+    _add_encoder_arguments(train)
+    train.add_argument("--arch", choices=ARCHITECTURES, default="merge")
+    train.add_argument("--out", required=True, help="bundle folder to write")
+    train.add_argument("--epochs", type=int, default=None, help="default: the preset's")
+    train.add_argument("--preset", default="cpu-small", help="cpu-small or gpu-full")
+    train.add_argument("--cache-dir", default=None,
+                       help="where prepared data and features are cached (default: data/work)")
+    train.add_argument("--karpathy-split", default=None, help="COCO only: path of Karpathy's dataset_coco.json")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(handler=cmd_train)
+
+    caption = commands.add_parser("caption", help="caption image files with a trained bundle")
+    caption.add_argument("--model", required=True, help="bundle folder written by `train`")
+    caption.add_argument("--beam", type=int, default=3, help="beam width (1 = greedy)")
+    caption.add_argument("--batch-size", type=int, default=32)
+    caption.add_argument("images", nargs="+", metavar="IMAGE")
+    caption.set_defaults(handler=cmd_caption)
+
+    evaluate = commands.add_parser("evaluate", help="score a bundle's captions on a held-out split")
+    evaluate.add_argument("--model", required=True, help="bundle folder written by `train`")
+    _add_dataset_arguments(evaluate)
+    evaluate.add_argument("--split", required=True, help="e.g. val (COCO), dev or test (Flickr8k)")
+    evaluate.add_argument("--beam", type=int, default=3)
+    evaluate.add_argument("--out", default=None,
+                          help="folder for metrics.json and captions.json (default: BUNDLE/eval-SPLIT)")
+    evaluate.add_argument("--cache-dir", default=None, help="feature cache location (default: data/work)")
+    evaluate.set_defaults(handler=cmd_evaluate)
+    return parser
+
+
+# --- command bodies -------------------------------------------------------------
+# Each returns an exit status. They import lazily so that `--help` is instant.
+
+def cmd_prepare(args):
+    raise NotImplementedError("prepare")
+
+
+def cmd_features(args):
+    raise NotImplementedError("features")
+
+
+def cmd_train(args):
+    raise NotImplementedError("train")
+
+
+def cmd_caption(args):
+    raise NotImplementedError("caption")
+
+
+def cmd_evaluate(args):
+    raise NotImplementedError("evaluate")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,77 @@
+"""Small file helpers that every stage shares: atomic writes, JSON with clear
+errors, and paths that cannot escape their folder.
+
+A learner's kernel can die at any moment (a restart, Ctrl-C, a full disk), so
+nothing in this project writes a final file in place: we write a temporary
+file beside it and rename it over the final name, which is atomic on POSIX and
+Windows. A reader therefore sees either the old file or the new one, never half.
+"""
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it to `path` on success.
+
+    On an exception the temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(temp_name)
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp_name)
+        raise
+
+
+def write_text_atomic(path, text):
+    with atomic_path(path) as temp:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path, what="JSON file"):
+    """Read a JSON file, turning every failure into a ValueError that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: {what} is not valid UTF-8 text ({error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: {what} is not valid JSON: {error}") from None
+
+
+def safe_join(root, name, *, source="file name"):
+    """Join `name` under `root`, refusing absolute names and `..` escapes.
+
+    File names and URLs come from annotation files that anyone can edit, so a
+    name such as `../../.bashrc` must never make us read or write outside the
+    data folder.
+    """
+    root = Path(root)
+    name = str(name)
+    candidate = Path(name)
+    if not name or candidate.is_absolute() or ".." in candidate.parts or "\\" in name:
+        raise ValueError(f"refusing unsafe {source} {name!r}: it must be a plain relative name inside {root}")
+    resolved = (root / candidate).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ValueError(f"refusing unsafe {source} {name!r}: it points outside {root}")
+    return root / candidate

@@ -1,0 +1,51 @@
+"""Shared fixtures.
+
+Tests that need the real sample data (COCO, Flickr8k, ImageNet MobileNetV2
+weights) find it through environment variables that `.ci/run` sets; without
+them they skip and say which variable to set. Everything else runs on small
+data that the tests make themselves.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+def _shared_path(variable, what):
+    value = os.environ.get(variable)
+    if not value:
+        pytest.skip(f"{what} not available: set {variable} (as .ci/run does) to run this test")
+    path = Path(value)
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} ({variable})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def coco_val_dir():
+    """../shared/data/coco-val2017-sample: full captions_val2017.json + 159 images."""
+    return _shared_path("CAPTIONING_COCO_VAL_DIR", "COCO val2017 sample")
+
+
+@pytest.fixture(scope="session")
+def coco_train_dir():
+    """../shared/data/coco-train2017-sample: 80 train2017 images + their captions."""
+    return _shared_path("CAPTIONING_COCO_TRAIN_DIR", "COCO train2017 sample")
+
+
+@pytest.fixture(scope="session")
+def flickr8k_dir():
+    """../shared/data/flickr8k-sample: 875 images, official captions and splits."""
+    return _shared_path("CAPTIONING_FLICKR8K_DIR", "Flickr8k sample")
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights():
+    """Real ImageNet MobileNetV2 backbone weights (.weights.h5)."""
+    return _shared_path("CAPTIONING_MOBILENET_WEIGHTS", "MobileNetV2 ImageNet weights")
