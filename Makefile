@@ -18,11 +18,12 @@ DOWNLOAD ?= 1
 SUBSET ?= 2000
 RUNS ?= runs
 
-.PHONY: help setup demo test data benchmarks clean clean-data
+.PHONY: help setup demo test lab data benchmarks clean clean-data
 
 help:
 	@echo "make demo        run notebooks 01-05 end to end; executed copies land in $(RUNS)/"
 	@echo "make test        run the test suite"
+	@echo "make lab         open the notebooks in JupyterLab"
 	@echo "make data        download COCO caption annotations and a $(SUBSET)-image subset into $(DATA_DIR)"
 	@echo "make benchmarks  run every benchmark in benchmarks/"
 	@echo "make clean       remove executed notebooks and caches (keeps data/ downloads)"
@@ -34,6 +35,7 @@ $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --editable .
 	@touch $@
 
 demo: setup
@@ -42,6 +44,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks
 
 data: setup
 	$(PY) -m captioning.download --data-dir $(DATA_DIR) --subset-size $(SUBSET)

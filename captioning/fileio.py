@@ -75,3 +75,18 @@ def safe_join(root, name, *, source="file name"):
     if not resolved.is_relative_to(root.resolve()):
         raise ValueError(f"refusing unsafe {source} {name!r}: it points outside {root}")
     return root / candidate
+
+
+def work_paths(work_dir, dataset, encoder=None, pooling="avg", arch=None):
+    """Where each stage keeps its output under one work folder (default data/work).
+
+    The notebooks, the CLI and the tests all use this one layout, so that
+    notebook 02 finds what notebook 01 wrote, and `train` reuses both.
+    """
+    work_dir = Path(work_dir)
+    paths = {"prepared": work_dir / "prepared" / dataset}
+    if encoder is not None:
+        paths["features"] = work_dir / "features" / f"{dataset}-{encoder}-{pooling}"
+    if arch is not None:
+        paths["bundle"] = work_dir / "bundles" / f"{dataset}-{arch}"
+    return paths

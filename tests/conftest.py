@@ -49,3 +49,38 @@ def flickr8k_dir():
 def mobilenet_weights():
     """Real ImageNet MobileNetV2 backbone weights (.weights.h5)."""
     return _shared_path("CAPTIONING_MOBILENET_WEIGHTS", "MobileNetV2 ImageNet weights")
+
+
+def run_cli(*arguments, check=True, timeout=1800):
+    """Run `python -m captioning ...` in a subprocess, as a user would; return the CompletedProcess."""
+    import subprocess
+    environment = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable, "-m", "captioning", *map(str, arguments)],
+        capture_output=True, text=True, timeout=timeout, env=environment, cwd=REPO,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"`python -m captioning {' '.join(map(str, arguments))}` exited {result.returncode}\n"
+            f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+@pytest.fixture(scope="session")
+def flickr8k_work_dir(tmp_path_factory):
+    """One work folder (prepared data + feature cache) shared by the CLI tests of a session."""
+    return tmp_path_factory.mktemp("flickr8k-work")
+
+
+@pytest.fixture(scope="session")
+def flickr8k_bundle(flickr8k_dir, mobilenet_weights, flickr8k_work_dir):
+    """A merge captioner trained by the suite, through the `train` CLI, on the shared Flickr8k
+    sample with the shared MobileNetV2 weights. Few epochs: it must be real, not good."""
+    bundle = flickr8k_work_dir / "bundles" / "merge"
+    run_cli(
+        "train", "--dataset", "flickr8k", "--data-dir", flickr8k_dir,
+        "--encoder", "mobilenet_v2", "--weights", mobilenet_weights,
+        "--arch", "merge", "--epochs", 3, "--cache-dir", flickr8k_work_dir, "--out", bundle,
+    )
+    return bundle
