@@ -87,7 +87,29 @@ def build_parser():
 # Each returns an exit status. They import lazily so that `--help` is instant.
 
 def cmd_prepare(args):
-    raise NotImplementedError("prepare")
+    from captioning import data
+    prepared = data.prepare(
+        args.dataset, args.data_dir, args.out, min_count=args.min_count, max_vocab=args.max_vocab,
+        max_length=args.max_length, karpathy_split=args.karpathy_split,
+    )
+    report = prepared.report
+    print(f"{args.dataset} in {args.data_dir}:")
+    print(f"  annotations: {report.get('annotated_images', report['images']):,} images, "
+          f"{report.get('annotated_captions', report['captions']):,} captions")
+    print(f"  images found on disk: {report['images_on_disk']:,} "
+          f"({report.get('dropped_images', 0):,} listed but missing were dropped)")
+    print(f"  kept: {report['images']:,} images, {report['rows']:,} captions "
+          f"(per split: {report['images_per_split']})")
+    per_image, lengths = report["captions_per_image"], report["length_words"]
+    print(f"  captions per image: {per_image['min']}-{per_image['max']} (mean {per_image['mean']}); "
+          f"length {lengths['min']}-{lengths['max']} words (mean {lengths['mean']})")
+    print(f"  empty: {report['empty_captions']}, duplicate: {report['duplicate_captions']}, "
+          f"non-ASCII: {report['non_ascii_captions']}, orphan captions: {report.get('orphan_captions', 0)}")
+    vocab = report["vocabulary"]
+    print(f"  vocabulary: {vocab['size']:,} words (min count {vocab['min_count']}, max length "
+          f"{vocab['max_length']}), unknown-word rate {vocab['unknown_word_rate']:.1%}")
+    print(f"wrote {prepared.out_dir}/captions.csv, vocabulary.json, report.json")
+    return 0
 
 
 def cmd_features(args):

@@ -1,0 +1,353 @@
+"""Caption datasets -> one pandas table, a data-quality report, and prepared files (notebook 01).
+
+Three annotation formats end up in the same table, one row per caption:
+
+    image_id    str   COCO: str(int id), e.g. "139"; Flickr8k: file name without .jpg
+    file_name   str   e.g. "000000000139.jpg"
+    image_path  str   absolute path where the image is (or would be) on disk
+    caption     str   the raw caption, exactly as annotated
+    split       str   the dataset's own split name ("train", "val", "dev", ...)
+
+Every later stage (features, training, evaluation) starts from this table, so
+the formats' quirks stay in this file. Annotation files are written by people
+and tools that make mistakes, so every problem we can name gets a message with
+the file and the field, and problems we can repair (a caption pointing at a
+missing image entry, an empty caption) are repaired and counted in the report.
+"""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from captioning.fileio import atomic_path, read_json, safe_join, write_json_atomic
+from captioning.vocab import Vocabulary, clean_caption
+
+COLUMNS = ["image_id", "file_name", "image_path", "caption", "split"]
+DATASETS = ("coco", "flickr8k")
+
+
+def _table(rows, attrs=None):
+    df = pd.DataFrame(rows, columns=COLUMNS).astype(str)
+    df.attrs.update(attrs or {})
+    return df
+
+
+def _require(mapping, key, where, path):
+    if not isinstance(mapping, dict) or key not in mapping:
+        raise ValueError(f"{path}: {where} has no field {key!r}")
+    return mapping[key]
+
+
+# --- COCO ----------------------------------------------------------------------------
+
+def _coco_split_from_name(annotation_file):
+    match = re.match(r"captions_([a-z]+)\d{4}", Path(annotation_file).name)
+    return match.group(1) if match else "unknown"
+
+
+def _coco_image_dir(data_dir, split):
+    """Official layout: DIR/val2017/; the shared samples keep every image in DIR/images/."""
+    for candidate in (Path(data_dir) / f"{split}2017", Path(data_dir) / "images"):
+        if candidate.is_dir():
+            return candidate
+    return Path(data_dir) / f"{split}2017"
+
+
+def load_coco(annotation_file, image_dir=None, split=None):
+    """Load an official COCO captions file (`captions_val2017.json`) into the caption table.
+
+    `split` defaults to the one in the file name ("val"); `image_dir` to
+    DIR/<split>2017 or DIR/images beside the `annotations/` folder. Captions
+    whose image id has no entry in "images" cannot be placed on disk: they are
+    dropped and counted in df.attrs["orphan_captions"]. Notebook 01.
+    """
+    annotation_file = Path(annotation_file)
+    split = split or _coco_split_from_name(annotation_file)
+    if image_dir is None:
+        image_dir = _coco_image_dir(annotation_file.resolve().parent.parent, split)
+    image_dir = Path(image_dir).resolve()
+    data = read_json(annotation_file, "COCO annotation file")
+    if not isinstance(data, dict):
+        raise ValueError(f"{annotation_file}: expected a JSON object with 'images' and 'annotations'")
+    images = _require(data, "images", "the top level", annotation_file)
+    annotations = _require(data, "annotations", "the top level", annotation_file)
+    if not isinstance(images, list) or not isinstance(annotations, list):
+        raise ValueError(f"{annotation_file}: fields 'images' and 'annotations' must be lists")
+
+    files = {}
+    for i, image in enumerate(images):
+        image_id = str(_require(image, "id", f"images[{i}]", annotation_file))
+        name = _require(image, "file_name", f"images[{i}]", annotation_file)
+        files[image_id] = safe_join(image_dir, name, source=f"file name in {annotation_file} images[{i}].file_name")
+
+    rows, orphans = [], 0
+    for i, annotation in enumerate(annotations):
+        image_id = str(_require(annotation, "image_id", f"annotations[{i}]", annotation_file))
+        caption = _require(annotation, "caption", f"annotations[{i}]", annotation_file)
+        if caption is None:
+            caption = ""  # counted as an empty caption by the report
+        if not isinstance(caption, str):
+            raise ValueError(f"{annotation_file}: annotations[{i}].caption must be text, got {type(caption).__name__}")
+        if image_id not in files:
+            orphans += 1
+            continue
+        path = files[image_id]
+        rows.append((image_id, path.name, str(path), caption, split))
+    return _table(rows, {"orphan_captions": orphans})
+
+
+def load_karpathy(dataset_json, image_root):
+    """Load Karpathy's split file (`dataset_coco.json`: train/restval/val/test). Notebook 01.
+
+    It names 2014 files (val2014/COCO_val2014_000000391895.jpg). Users with the
+    2017 images have the same photos under 12-digit names, so when the 2014
+    file is absent we look for <cocoid>.jpg in train2017/, val2017/ or images/.
+    """
+    data = read_json(dataset_json, "Karpathy split file")
+    images = _require(data, "images", "the top level", dataset_json)
+    image_root = Path(image_root).resolve()
+    folders_2017 = [image_root / name for name in ("train2017", "val2017", "images")]
+    rows = []
+    for i, image in enumerate(images):
+        where = f"images[{i}]"
+        name = _require(image, "filename", where, dataset_json)
+        split = _require(image, "split", where, dataset_json)
+        sentences = _require(image, "sentences", where, dataset_json)
+        image_id = str(image.get("cocoid", Path(name).stem))
+        path = safe_join(image_root, f"{image.get('filepath', '')}/{name}".lstrip("/"),
+                         source=f"file name in {dataset_json} {where}")
+        if not path.is_file() and "cocoid" in image:
+            for folder in folders_2017:
+                candidate = folder / f"{int(image['cocoid']):012d}.jpg"
+                if candidate.is_file():
+                    path = candidate
+                    break
+        for j, sentence in enumerate(sentences):
+            raw = _require(sentence, "raw", f"{where}.sentences[{j}]", dataset_json)
+            rows.append((image_id, path.name, str(path), raw or "", split))
+    return _table(rows)
+
+
+# --- Flickr8k --------------------------------------------------------------------------
+
+def _find(data_dir, names, what):
+    for name in names:
+        if (Path(data_dir) / name).exists():
+            return Path(data_dir) / name
+    raise FileNotFoundError(f"{what} not found in {data_dir} (looked for {', '.join(names)})")
+
+
+def _read_lines(path):
+    """Lines of a text file, with a clear error for text that is not UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not valid UTF-8 text ({error.reason})") from None
+
+
+def load_flickr8k(data_dir):
+    """Load Flickr8k: `Flickr8k.token.txt` (img.jpg#n<TAB>caption) + the official split files.
+
+    Accepts the layout of the official zips (text files at the top, images in
+    `Flicker8k_Dataset/`, sic) and the shared sample's (text/ and images/).
+    Images listed in no split file get the split "unassigned". Notebook 01.
+    """
+    data_dir = Path(data_dir).resolve()
+    token_file = _find(data_dir, ["Flickr8k.token.txt", "text/Flickr8k.token.txt",
+                                  "Flickr8k_text/Flickr8k.token.txt"], "Flickr8k captions file")
+    image_dir = next((data_dir / name for name in ("Flicker8k_Dataset", "Flickr8k_Dataset", "images")
+                      if (data_dir / name).is_dir()), data_dir / "Flicker8k_Dataset")
+    splits = {}
+    for split in ("train", "dev", "test"):
+        split_file = token_file.parent / f"Flickr_8k.{split}Images.txt"
+        if split_file.is_file():
+            splits.update((line.strip(), split) for line in _read_lines(split_file) if line.strip())
+    rows = []
+    for number, line in enumerate(_read_lines(token_file), start=1):
+        if not line.strip():
+            continue
+        key, tab, caption = line.partition("\t")
+        name, hash_sign, _ = key.partition("#")
+        if not tab or not hash_sign or not name:
+            raise ValueError(f"{token_file}: line {number} is not 'image.jpg#n<TAB>caption': {line[:80]!r}")
+        path = safe_join(image_dir, name, source=f"file name in {token_file} line {number}")
+        image_id = name[: -len(".jpg")] if name.endswith(".jpg") else name
+        rows.append((image_id, name, str(path), caption.strip(), splits.get(name, "unassigned")))
+    return _table(rows)
+
+
+# --- one entry point -------------------------------------------------------------------
+
+def _coco_annotation_files(data_dir):
+    """captions_{train,val}2017*.json under DIR/annotations; the official full file wins over subsets."""
+    folder = Path(data_dir) / "annotations"
+    chosen = []
+    for split in ("train", "val"):
+        exact = folder / f"captions_{split}2017.json"
+        variants = sorted(folder.glob(f"captions_{split}2017*.json"))
+        if exact.is_file():
+            chosen.append(exact)
+        elif variants:
+            chosen.append(variants[0])
+    if not chosen:
+        raise FileNotFoundError(f"no COCO caption files in {folder} (expected captions_train2017.json and/or "
+                                "captions_val2017.json; download them with `python -m captioning.download`)")
+    return chosen
+
+
+def load_dataset(dataset, data_dir, *, karpathy_split=None, on_disk_only=False):
+    """Load "coco" or "flickr8k" from a data folder into the caption table. Notebook 01.
+
+    With on_disk_only=True, captions of images that are not on disk are dropped
+    and df.attrs["dropped_images"] says how many images that was: a classroom
+    downloads a subset of COCO, but the annotations list all of it.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}: choose one of {DATASETS}")
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data folder not found: {data_dir}")
+    if dataset == "flickr8k":
+        df = load_flickr8k(data_dir)
+    elif karpathy_split:
+        df = load_karpathy(karpathy_split, data_dir)
+    else:
+        parts = [load_coco(path, _coco_image_dir(data_dir, _coco_split_from_name(path)))
+                 for path in _coco_annotation_files(data_dir)]
+        df = pd.concat(parts, ignore_index=True)
+        df.attrs["orphan_captions"] = sum(part.attrs["orphan_captions"] for part in parts)
+    if on_disk_only:
+        folders = sorted({str(Path(path).parent) for path in df["image_path"].unique()})
+        missing = [folder for folder in folders if not Path(folder).is_dir()]
+        if missing and len(missing) == len(folders):
+            raise FileNotFoundError(f"image folder not found: {missing[0]} (for {dataset} in {data_dir})")
+        attrs = dict(df.attrs)
+        unique_paths = df["image_path"].unique()
+        present = {path for path in unique_paths if Path(path).is_file()}
+        attrs.update(annotated_images=int(df["image_id"].nunique()), annotated_captions=len(df))
+        df = df[df["image_path"].isin(present)].reset_index(drop=True)
+        df.attrs.update(attrs, dropped_images=len(unique_paths) - len(present))
+    return df
+
+
+# --- report and prepared files -----------------------------------------------------------
+
+def quality_report(df):
+    """Counts a learner should look at before training. Notebook 01.
+
+    Images, captions per image, empty and duplicate captions (same image, same
+    cleaned text), captions with non-ASCII characters, caption lengths in words.
+    """
+    per_image = df.groupby("image_id").size()
+    cleaned = df["caption"].map(clean_caption)
+    lengths = cleaned.str.split().str.len()
+    report = {
+        "images": int(df["image_id"].nunique()),
+        "captions": int(len(df)),
+        "captions_per_image": {
+            "min": int(per_image.min()) if len(df) else 0, "max": int(per_image.max()) if len(df) else 0,
+            "mean": round(float(per_image.mean()), 3) if len(df) else 0.0,
+            "histogram": {str(k): int(v) for k, v in per_image.value_counts().sort_index().items()},
+        },
+        "empty_captions": int((cleaned == "").sum()),
+        "duplicate_captions": int(pd.DataFrame({"i": df["image_id"], "c": cleaned})[cleaned != ""]
+                                  .duplicated().sum()),
+        "non_ascii_captions": int((~df["caption"].map(str.isascii)).sum()),
+        "length_words": {
+            "min": int(lengths.min()) if len(df) else 0, "max": int(lengths.max()) if len(df) else 0,
+            "mean": round(float(lengths.mean()), 3) if len(df) else 0.0,
+            "median": float(lengths.median()) if len(df) else 0.0,
+            "p95": float(lengths.quantile(0.95)) if len(df) else 0.0,
+        },
+        "images_per_split": {str(k): int(v) for k, v in df.groupby("split")["image_id"].nunique().items()},
+    }
+    for key in ("annotated_images", "annotated_captions", "dropped_images", "orphan_captions"):
+        if key in df.attrs:
+            report[key] = int(df.attrs[key])
+    return report
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What notebook 01 hands to notebooks 02 and 03."""
+    captions: pd.DataFrame
+    vocab: Vocabulary
+    report: dict
+    out_dir: Path
+
+
+TRAINING_SPLITS = ("train", "restval")
+
+
+def prepare(dataset, data_dir, out_dir, *, min_count=5, max_vocab=None, max_length=20, karpathy_split=None,
+            on_disk_only=True):
+    """Load, clean, build the vocabulary and write captions.csv, vocabulary.json, report.json. Notebook 01.
+
+    Captions that are empty after cleaning are dropped (and counted). The
+    vocabulary is built from the training split(s) only, so that words seen
+    only in val/test do not leak into the model; a folder with no training
+    split (e.g. the val2017 sample) uses all its captions. report.json is
+    written last and records the row count and vocabulary fingerprint, so
+    `load_prepared` can tell a complete folder from an interrupted one.
+    """
+    df = load_dataset(dataset, data_dir, karpathy_split=karpathy_split, on_disk_only=on_disk_only)
+    report = quality_report(df)
+    if on_disk_only:
+        report["images_on_disk"] = report["images"]
+    attrs = dict(df.attrs)
+    df = df.assign(clean=df["caption"].map(clean_caption))
+    df = df[df["clean"] != ""].reset_index(drop=True)
+    df.attrs.update(attrs)
+    report["dropped_empty_captions"] = report["empty_captions"]
+    if df.empty:
+        raise ValueError(f"no usable captions for {dataset} in {data_dir}"
+                         + (" with images on disk" if on_disk_only else ""))
+    training = df[df["split"].isin(TRAINING_SPLITS)]
+    source = training if len(training) else df
+    vocab = Vocabulary.build(source["clean"], min_count=min_count, max_size=max_vocab, max_length=max_length)
+    lengths = df["clean"].str.split().str.len()
+    words = [word for caption in source["clean"] for word in caption.split()]
+    report.update({
+        "dataset": dataset, "data_dir": str(Path(data_dir).resolve()), "rows": int(len(df)),
+        "vocabulary": {
+            "size": len(vocab), "min_count": min_count, "max_size": max_vocab, "max_length": max_length,
+            "built_from_splits": sorted(source["split"].unique().tolist()),
+            "fingerprint": vocab.fingerprint,
+            "unknown_word_rate": round(sum(word not in vocab for word in words) / max(len(words), 1), 4),
+            "captions_cut": int((lengths > max_length).sum()),
+        },
+    })
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "captions.csv") as temp:
+        df.to_csv(temp, index=False)
+    vocab.save(out_dir / "vocabulary.json")
+    write_json_atomic(out_dir / "report.json", report)
+    return Prepared(df, vocab, report, out_dir)
+
+
+def load_prepared(out_dir):
+    """Read back what `prepare` wrote, checking that the three files belong together. Notebook 01."""
+    out_dir = Path(out_dir)
+    report_file = out_dir / "report.json"
+    if not report_file.is_file():
+        raise FileNotFoundError(f"no prepared data in {out_dir} (report.json missing): run notebook 01 "
+                                "or `python -m captioning prepare` first")
+    report = read_json(report_file, "prepared-data report")
+    vocab = Vocabulary.load(out_dir / "vocabulary.json")
+    csv_file = out_dir / "captions.csv"
+    if not csv_file.is_file():
+        raise FileNotFoundError(f"{csv_file} missing: run `prepare` again")
+    captions = pd.read_csv(csv_file, dtype=str, keep_default_na=False)
+    missing = [column for column in COLUMNS + ["clean"] if column not in captions.columns]
+    if missing:
+        raise ValueError(f"{csv_file}: missing column(s) {missing}")
+    expected = report.get("vocabulary", {}).get("fingerprint")
+    if expected != vocab.fingerprint or report.get("rows") != len(captions):
+        raise ValueError(f"{out_dir}: captions.csv / vocabulary.json do not match report.json "
+                         "(an interrupted or mixed `prepare`): run `prepare` again")
+    return Prepared(captions, vocab, report, out_dir)
