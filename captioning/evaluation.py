@@ -1,0 +1,275 @@
+"""Scoring generated captions: BLEU with nltk, the COCO caption metrics, and diversity.
+
+Taught in notebook 05_evaluation.ipynb. Every metric here compares a generated
+caption with *all* the human captions of its image at once (five per image in
+COCO and Flickr8k): a caption only has to agree with one of the people who
+described the photo, not with their average.
+
+Tokenisation, decided once for every metric. The COCO toolkit (pycocoevalcap)
+normally tokenises with Stanford's PTBTokenizer, a Java program shipped without
+its jar in the pip package. Instead we feed every scorer the tokens of our own
+`clean_caption` (lowercase, punctuation stripped: the same text the model was
+trained on), space-joined. So nltk and the toolkit see exactly the same tokens,
+and a score does not depend on which tokenizer happened to be installed. Papers
+that ran PTBTokenizer split "man's" into "man 's" where we write "mans": the
+numbers are comparable in trend, not to the third decimal.
+
+`evaluate_bundle`, which captions a whole split with a trained bundle and writes
+metrics.json and captions.json, lives in `captioning.evaluate_run`; it is
+re-exported here so `from captioning.evaluation import evaluate_bundle` works.
+"""
+
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from captioning.vocab import END, PAD, START, clean_caption
+
+MAX_ORDER = 4
+# BLEU-n is the geometric mean of the first n clipped n-gram precisions, so its
+# weights are n equal parts: BLEU-1 (1,), BLEU-2 (1/2, 1/2), ... BLEU-4 (1/4,)*4.
+BLEU_WEIGHTS = [tuple([1.0 / n] * n) for n in range(1, MAX_ORDER + 1)]
+BLEU_NAMES = [f"BLEU-{n}" for n in range(1, MAX_ORDER + 1)]
+COCO_METRICS = BLEU_NAMES + ["METEOR", "ROUGE_L", "CIDEr"]
+
+JAVA_MISSING = (
+    "METEOR runs pycocoevalcap's meteor-1.5.jar, which needs Java 8 or newer, and `java` is not on PATH. "
+    "Install a Java runtime (Debian/Ubuntu: `sudo apt-get install default-jre-headless`; macOS: "
+    "`brew install openjdk`; conda: `conda install -c conda-forge openjdk`) and run the evaluation again."
+)
+SPICE_UNAVAILABLE = (
+    "SPICE needs Stanford CoreNLP 3.6.0 (about 400 MB), which pycocoevalcap downloads from nlp.stanford.edu "
+    "on first use, and an 8 GB Java heap; this course runs offline, so SPICE is not computed. Online, "
+    "score the captions.json of a run with pycocoevalcap.spice.spice.Spice().compute_score(gts, res)."
+)
+
+
+def tokenize(caption):
+    """The tokens every metric sees: `clean_caption(caption).split()`, with the
+    vocabulary's start/end/padding markers removed first (notebook 05)."""
+    if isinstance(caption, str):
+        for special in (START, END, PAD):
+            caption = caption.replace(special, " ")
+    return clean_caption(caption).split()
+
+
+def _paired_tokens(references, hypotheses):
+    """Check that both dicts cover the same images; return (ids, reference token lists, hypothesis tokens)."""
+    missing = sorted(set(hypotheses) - set(references), key=str)
+    if missing:
+        raise ValueError(f"hypotheses for images without references: {missing[:5]} ({len(missing)} in all)")
+    unscored = sorted(set(references) - set(hypotheses), key=str)
+    if unscored:
+        raise ValueError(f"references for images without a hypothesis: {unscored[:5]} ({len(unscored)} in all)")
+    if not hypotheses:
+        raise ValueError("nothing to score: no hypotheses given")
+    ids = sorted(hypotheses, key=str)
+    reference_tokens, hypothesis_tokens = [], []
+    for image_id in ids:
+        refs = references[image_id]
+        if isinstance(refs, str):
+            raise ValueError(f"references of image {image_id!r} must be a list of captions, not one string")
+        refs = [tokens for tokens in map(tokenize, refs) if tokens]
+        if not refs:
+            raise ValueError(f"image {image_id!r} has no non-empty reference caption")
+        reference_tokens.append(refs)
+        hypothesis_tokens.append(tokenize(hypotheses[image_id]))
+    return ids, reference_tokens, hypothesis_tokens
+
+
+def bleu_scores(references, hypotheses, *, smoothing=False):
+    """Corpus BLEU-1..4 with nltk's `corpus_bleu` (notebook 05).
+
+    references: {image id: [caption, ...]}; hypotheses: {image id: caption}.
+    Corpus BLEU is not the mean of per-sentence BLEU: clipped n-gram matches and
+    n-gram counts are summed over all images first, and one brevity penalty is
+    computed from the summed hypothesis lengths and the summed *closest*
+    reference lengths. Without smoothing, an order with no match at all makes
+    BLEU-n (and every higher n) zero; `smoothing=True` (Chen & Cherry's method 1)
+    or a SmoothingFunction method name ("method1".."method7") avoids that, which
+    matters only for tiny test sets.
+    """
+    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
+
+    _, reference_tokens, hypothesis_tokens = _paired_tokens(references, hypotheses)
+    if smoothing is True:
+        smoothing = "method1"
+    smoothing_function = getattr(SmoothingFunction(), smoothing) if smoothing else None
+    with warnings.catch_warnings():
+        # nltk warns once per zero-match order; the docstring says what that means.
+        warnings.simplefilter("ignore", UserWarning)
+        scores = corpus_bleu(reference_tokens, hypothesis_tokens, weights=BLEU_WEIGHTS,
+                             smoothing_function=smoothing_function)
+    # Without smoothing nltk stands in 2.2e-308 for a zero precision; call that zero.
+    return {name: float(score) if score > 1e-12 else 0.0 for name, score in zip(BLEU_NAMES, scores)}
+
+
+def coco_scores(references, hypotheses, *, meteor=True, meteor_timeout=600):
+    """The COCO caption metrics from pycocoevalcap (notebook 05): BLEU-1..4,
+    METEOR, ROUGE-L and CIDEr (the toolkit's Cider is CIDEr-D: clipped tf-idf
+    n-gram vectors and a Gaussian length penalty, times 10).
+
+    Returns {metric: float or None, "unavailable": {metric: reason}}. METEOR is
+    None where Java is missing (or `meteor=False`), SPICE always, each with the
+    reason. CIDEr's idf weights come from the references being scored, so a
+    CIDEr is only comparable between runs on the same split.
+    """
+    return coco_scores_per_image(references, hypotheses, meteor=meteor, meteor_timeout=meteor_timeout)[0]
+
+
+def coco_scores_per_image(references, hypotheses, *, meteor=True, meteor_timeout=600):
+    """`coco_scores` plus {image id: {metric: score}} for each image (used to find
+    the best and worst captioned images in notebook 05)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    ids, reference_tokens, hypothesis_tokens = _paired_tokens(references, hypotheses)
+    gts = {image_id: [" ".join(tokens) for tokens in refs] for image_id, refs in zip(ids, reference_tokens)}
+    res = {image_id: [" ".join(tokens)] for image_id, tokens in zip(ids, hypothesis_tokens)}
+
+    scores, per_image, unavailable = {}, {image_id: {} for image_id in ids}, {}
+
+    def record(name, total, each):
+        scores[name] = float(total)
+        for image_id, value in zip(ids, each):
+            per_image[image_id][name] = float(value)
+
+    # verbose=0: the toolkit's BLEU otherwise prints its counts on stdout,
+    # which would corrupt the JSON that `evaluate` prints there.
+    bleu_total, bleu_each = Bleu(MAX_ORDER).compute_score(gts, res, verbose=0)
+    for name, total, each in zip(BLEU_NAMES, bleu_total, bleu_each):
+        record(name, total, each)
+    scores["METEOR"] = None
+    if not meteor:
+        unavailable["METEOR"] = "not requested (meteor=False)"
+    elif shutil.which("java") is None:
+        unavailable["METEOR"] = JAVA_MISSING
+    else:
+        try:
+            record("METEOR", *_meteor(gts, res, timeout=meteor_timeout))
+        except (OSError, RuntimeError, ValueError) as error:
+            scores["METEOR"] = None
+            unavailable["METEOR"] = f"the METEOR scorer (Java) failed: {error}"
+    record("ROUGE_L", *Rouge().compute_score(gts, res))
+    record("CIDEr", *Cider().compute_score(gts, res))
+    scores["SPICE"] = None
+    unavailable["SPICE"] = SPICE_UNAVAILABLE
+    scores["unavailable"] = unavailable
+    return scores, per_image
+
+
+def _meteor(gts, res, *, timeout):
+    """Score with pycocoevalcap's own METEOR 1.5 jar and its own command and protocol.
+
+    We drive the jar ourselves rather than through `pycocoevalcap.meteor.Meteor`
+    for two reasons: a Java process that dies (out of memory, killed) makes that
+    class wait on a pipe forever, and after any error its `__del__` blocks on a
+    lock it never released. Here a timer kills Java after `timeout` seconds and
+    every failure becomes a RuntimeError that `coco_scores` reports.
+    """
+    import pycocoevalcap.meteor.meteor as toolkit
+
+    jar_dir = Path(toolkit.__file__).resolve().parent
+    command = ["java", "-jar", "-Xmx2G", toolkit.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(command, cwd=jar_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=errors, text=True, encoding="utf-8")
+        watchdog = threading.Timer(timeout, process.kill)
+        watchdog.start()
+
+        def answer():
+            line = process.stdout.readline()
+            if not line:
+                errors.seek(0)
+                reason = errors.read().decode(errors="replace").strip().splitlines()[-3:]
+                raise RuntimeError(f"java exited or timed out after {timeout} s: {' '.join(reason)}")
+            return line.strip()
+
+        try:
+            # One SCORE line per image (references ||| hypothesis) returns its
+            # statistics; one EVAL line with all of them returns each image's
+            # score and then the corpus score.
+            stats = []
+            for image_id in gts:
+                process.stdin.write(" ||| ".join(["SCORE", *gts[image_id], res[image_id][0]]) + "\n")
+                process.stdin.flush()
+                stats.append(answer())
+            process.stdin.write(" ||| ".join(["EVAL", *stats]) + "\n")
+            process.stdin.flush()
+            each = [float(answer()) for _ in stats]
+            return float(answer()), each
+        finally:
+            watchdog.cancel()
+            process.kill()
+            process.wait()
+
+
+def diversity(hypotheses, training_captions):
+    """How varied the generated captions are (notebook 05).
+
+    hypotheses: {image id: caption} or a list of captions; training_captions:
+    the captions the model was trained on. A captioner that has learnt a few
+    safe sentences can score a fair BLEU while saying the same thing about every
+    photo; these numbers expose that: how many distinct words and captions it
+    uses, which share it copied verbatim from the training set, and the length
+    distribution (short, generic captions are the usual symptom).
+    """
+    captions = list(hypotheses.values()) if isinstance(hypotheses, Mapping) else list(hypotheses)
+    if not captions:
+        raise ValueError("diversity: no generated captions given")
+    captions = [" ".join(tokenize(caption)) for caption in captions]
+    training = {" ".join(tokenize(caption)) for caption in training_captions}
+    lengths = np.array([len(caption.split()) for caption in captions])
+    words = Counter(word for caption in captions for word in caption.split())
+    return {
+        "captions": len(captions),
+        "vocabulary_used": len(words),
+        "distinct_captions": len(set(captions)),
+        "distinct_share": len(set(captions)) / len(captions),
+        "copied_from_training": sum(caption in training for caption in captions) / len(captions),
+        "length_mean": float(lengths.mean()),
+        "length_std": float(lengths.std()),
+        "length_min": int(lengths.min()),
+        "length_max": int(lengths.max()),
+        "length_counts": {str(length): int(count) for length, count in sorted(Counter(lengths.tolist()).items())},
+        "top_words": words.most_common(10),
+    }
+
+
+TABLE_COLUMNS = COCO_METRICS + ["vocabulary_used", "distinct_share", "copied_from_training", "length_mean"]
+
+
+def results_table(runs, columns=TABLE_COLUMNS):
+    """One row per evaluation run, as a pandas DataFrame (notebook 05).
+
+    runs: {run name: metrics dict} where each metrics dict is what
+    `evaluate_bundle` returns (its "coco" and "diversity" sections are read) or a
+    flat {column: value}. Unavailable metrics appear as NaN.
+    """
+    import pandas as pd
+
+    rows = {}
+    for name, metrics in runs.items():
+        flat = {key: value for key, value in metrics.items() if not isinstance(value, (dict, list))}
+        for section in ("coco", "diversity"):
+            flat.update({key: value for key, value in metrics.get(section, {}).items()
+                         if not isinstance(value, (dict, list))})
+        rows[name] = {column: flat.get(column) for column in columns}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=list(columns)).astype(float)
+
+
+def evaluate_bundle(bundle_dir, dataset, data_dir, split, *, beam_width=3, out_dir=None, cache_dir=None,
+                    meteor=True):
+    """Caption a held-out split with a saved bundle and score it; see `captioning.evaluate_run`."""
+    from captioning.evaluate_run import evaluate_bundle as run
+
+    return run(bundle_dir, dataset, data_dir, split, beam_width=beam_width, out_dir=out_dir,
+               cache_dir=cache_dir, meteor=meteor)
