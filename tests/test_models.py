@@ -1,0 +1,126 @@
+"""The four caption architectures and their one-step decoders."""
+
+import numpy as np
+import pytest
+
+from captioning import quiet_tensorflow
+
+tf = quiet_tensorflow()
+import keras  # noqa: E402
+
+from captioning.models import ARCHITECTURES, build_captioner, make_step_decoder  # noqa: E402
+
+VOCAB, FEATURES, LENGTH = 23, 7, 5
+
+
+def small_model(arch, rnn="lstm", merge_mode="add", seed=1):
+    keras.utils.set_random_seed(seed)
+    return build_captioner(arch, vocab_size=VOCAB, feature_dim=FEATURES, max_length=LENGTH,
+                           embed_dim=6, units=8, rnn=rnn, dropout=0.3, merge_mode=merge_mode)
+
+
+def random_batch(batch=4, seed=0):
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(batch, FEATURES)).astype("float32")
+    words = rng.integers(1, VOCAB, size=(batch, LENGTH + 1)).astype("int32")
+    words[:, 0] = 1  # <start>
+    return features, words
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_shapes_and_names(arch):
+    model = small_model(arch)
+    features, words = random_batch()
+    logits = model({"image": features, "words": words})
+    assert logits.shape == (4, LENGTH + 1, VOCAB)
+    names = {layer.name for layer in model.layers}
+    assert {"word_embedding", "decoder_rnn", "word_logits"} <= names
+    assert model.name == arch.replace("-", "_") + "_captioner"
+
+
+def test_architectures_put_the_image_in_different_places():
+    # Merge: the RNN never sees the image, so its state does not depend on it.
+    merge = small_model("merge")
+    rnn_input = merge.get_layer("decoder_rnn").input
+    assert rnn_input.shape[-1] == 6  # word embeddings only
+    par = small_model("par-inject")
+    assert par.get_layer("decoder_rnn").input.shape[-1] == 6 + 6  # word + image at every step
+
+
+def test_merge_concat_is_wider_than_add():
+    add = small_model("merge", merge_mode="add")
+    concat = small_model("merge", merge_mode="concat")
+    assert concat.get_layer("word_logits").kernel.shape == (16, VOCAB)
+    assert add.get_layer("word_logits").kernel.shape == (8, VOCAB)
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match="arch"):
+        build_captioner("attention", vocab_size=5, feature_dim=3, max_length=4)
+    with pytest.raises(ValueError, match="rnn"):
+        build_captioner("merge", vocab_size=5, feature_dim=3, max_length=4, rnn="transformer")
+    with pytest.raises(ValueError, match="dropout"):
+        build_captioner("merge", vocab_size=5, feature_dim=3, max_length=4, dropout=1.5)
+
+
+def sequence_log_probs(model, features, words):
+    logits = model({"image": features, "words": words}, training=False)
+    return tf.nn.log_softmax(logits).numpy()
+
+
+def step_log_probs(decoder, features, words):
+    states = decoder.initial_state(features)
+    outputs = []
+    for position in range(words.shape[1]):
+        log_probs, states = decoder.step(words[:, position], states, features)
+        outputs.append(log_probs)
+    return np.stack(outputs, axis=1)
+
+
+@pytest.mark.parametrize("rnn", ["lstm", "gru"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_step_decoder_matches_the_full_sequence_model(arch, rnn):
+    model = small_model(arch, rnn=rnn)
+    features, words = random_batch()
+    decoder = make_step_decoder(model)
+    assert decoder.vocab_size == VOCAB
+    step = step_log_probs(decoder, features, words)
+    full = sequence_log_probs(model, features, words)
+    assert step.dtype == np.float32 and step.shape == full.shape
+    np.testing.assert_allclose(step, full, atol=1e-5)
+    # Each step's output is a distribution over the vocabulary.
+    np.testing.assert_allclose(np.exp(step).sum(-1), 1.0, atol=1e-5)
+
+
+def test_step_decoder_with_concat_merge():
+    model = small_model("merge", merge_mode="concat")
+    features, words = random_batch()
+    np.testing.assert_allclose(step_log_probs(make_step_decoder(model), features, words),
+                               sequence_log_probs(model, features, words), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["merge", "pre-inject"])
+def test_step_decoder_on_a_reloaded_model(arch, tmp_path):
+    model = small_model(arch, rnn="gru")
+    model.save(tmp_path / "model.keras")
+    reloaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True, compile=False)
+    features, words = random_batch()
+    np.testing.assert_allclose(step_log_probs(make_step_decoder(reloaded), features, words),
+                               sequence_log_probs(model, features, words), atol=1e-5)
+
+
+def test_step_decoder_traces_once_for_any_batch_size():
+    decoder = make_step_decoder(small_model("init-inject"))
+    for batch in (1, 3, 8):
+        features, words = random_batch(batch)
+        states = decoder.initial_state(features)
+        decoder.step(words[:, 0], states, features)
+    assert decoder._step.experimental_get_tracing_count() == 1
+    assert decoder._initial.experimental_get_tracing_count() == 1
+
+
+def test_a_model_from_elsewhere_is_refused():
+    inputs = keras.Input((3,))
+    other = keras.Model(inputs, keras.layers.Dense(2)(inputs), name="classifier")
+    with pytest.raises(ValueError, match="build_captioner"):
+        make_step_decoder(other)
