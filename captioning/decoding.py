@@ -1,0 +1,262 @@
+"""Turning a trained captioner into captions: greedy, beam search and sampling.
+
+A captioner predicts one word at a time. Decoding is the loop around it:
+feed <start>, pick a word, feed that word back, and so on until <end>.
+Notebook 04 teaches the three strategies here:
+
+    greedy_decode   take the most likely word at every step
+    beam_search     keep the k most likely partial captions, return the n best
+    sample_decode   draw each word at random (with a temperature), for variety
+
+All three talk to the model only through the StepDecoder protocol of
+models.py, so they work for every architecture:
+
+    decoder.initial_state(features)            -> states (list of arrays, one row per image)
+    decoder.step(words, states, features)      -> (log_probs (rows, vocab), new states)
+
+and all three are *batched*: one `decoder.step` call per time step for the
+whole batch - N images, or N images x k beams flattened to N*k rows - never a
+model call per image per word. The older tutorials' per-image loop manages
+about one caption a second on a laptop CPU; benchmarks/decoding.py measures
+the difference.
+
+Lengths. `max_length` is the longest caption in words. A hypothesis is
+finished when it emits <end> or when it has `max_length` words (it is then
+kept as it is, without <end>). Its length, for length normalisation, is the
+number of tokens the model chose: its words, plus one for <end> if it has it.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# The course's vocabulary puts <pad> at id 0 (vocab.py). The decoders never
+# emit it, nor <start>: those ids get probability zero at every step.
+DEFAULT_PAD_ID = 0
+
+# Length normalisation: score = log_prob / length ** alpha. Log-probabilities
+# only fall as a caption grows, so with alpha = 0 beam search prefers short,
+# generic captions ("a dog"). alpha = 1 divides by the length (the mean
+# log-prob per token), which can over-reward rambling. 0.7 sits in between,
+# the value Wu et al. (2016, GNMT) found best; notebook 04 plots the effect.
+DEFAULT_LENGTH_ALPHA = 0.7
+
+
+@dataclass
+class Hypothesis:
+    """One finished caption from beam search: word ids (no specials), its total
+    log-probability under the model, and its length-normalised score."""
+
+    ids: list
+    log_prob: float
+    score: float
+
+
+def length_normalised(log_prob, length, alpha):
+    """The beam-search score: log_prob / length ** alpha (notebook 04)."""
+    return float(log_prob) / (max(int(length), 1) ** alpha)
+
+
+# --- shared plumbing ------------------------------------------------------------
+
+def _check(features, start_id, end_id, max_length):
+    features = np.asarray(features, dtype=np.float32)
+    if features.ndim < 2:
+        raise ValueError(f"features must have one row per image, got shape {features.shape}")
+    if int(max_length) < 1:
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
+    if start_id == end_id:
+        raise ValueError(f"start_id and end_id must differ, both are {start_id}")
+    return features
+
+
+def _step(decoder, words, states, features, banned):
+    """One batched model call; the banned ids (<start>, <pad>) get log-prob -inf."""
+    log_probs, states = decoder.step(words.astype(np.int32), states, features)
+    log_probs = np.array(log_probs, dtype=np.float32)  # a writable copy
+    log_probs[:, banned] = -np.inf
+    return log_probs, [np.asarray(state) for state in states]
+
+
+def _banned(start_id, pad_id):
+    return sorted({int(start_id), int(pad_id)})
+
+
+# --- greedy ----------------------------------------------------------------------
+
+def greedy_decode(decoder, features, *, start_id, end_id, max_length, pad_id=DEFAULT_PAD_ID):
+    """Caption each image with the most likely word at every step (notebook 04).
+
+    Fast and deterministic, but short-sighted: a likely first word can lead
+    to an unlikely caption. Returns one list of word ids per image.
+    """
+    features = _check(features, start_id, end_id, max_length)
+    count = len(features)
+    if count == 0:
+        return []
+    states = [np.asarray(state) for state in decoder.initial_state(features)]
+    words = np.full(count, start_id, dtype=np.int32)
+    finished = np.zeros(count, dtype=bool)
+    captions = [[] for _ in range(count)]
+    banned = _banned(start_id, pad_id)
+    for _ in range(int(max_length)):
+        log_probs, states = _step(decoder, words, states, features, banned)
+        words = log_probs.argmax(axis=1).astype(np.int32)
+        # Finished rows still ride along in the batch (a fixed batch shape
+        # keeps the compiled model from retracing) but their words are ignored.
+        finished |= words == end_id
+        for row in np.flatnonzero(~finished):
+            captions[row].append(int(words[row]))
+        if finished.all():
+            break
+    return captions
+
+
+# --- sampling --------------------------------------------------------------------
+
+def sample_decode(decoder, features, *, start_id, end_id, max_length, temperature=1.0, seed=None,
+                  pad_id=DEFAULT_PAD_ID):
+    """Caption each image by drawing every word at random from the model (notebook 04).
+
+    The temperature reshapes the distribution: below 1 it sharpens towards
+    greedy, above 1 it flattens towards uniform. Same seed, same captions.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    features = _check(features, start_id, end_id, max_length)
+    count = len(features)
+    if count == 0:
+        return []
+    random = np.random.default_rng(seed)
+    states = [np.asarray(state) for state in decoder.initial_state(features)]
+    words = np.full(count, start_id, dtype=np.int32)
+    finished = np.zeros(count, dtype=bool)
+    captions = [[] for _ in range(count)]
+    banned = _banned(start_id, pad_id)
+    for _ in range(int(max_length)):
+        log_probs, states = _step(decoder, words, states, features, banned)
+        # The Gumbel-max trick: argmax(log p / T + Gumbel noise) is a draw from
+        # softmax(log p / T), for every row at once, with no normalising.
+        gumbel = random.gumbel(size=log_probs.shape)
+        words = (log_probs / temperature + gumbel).argmax(axis=1).astype(np.int32)
+        finished |= words == end_id
+        for row in np.flatnonzero(~finished):
+            captions[row].append(int(words[row]))
+        if finished.all():
+            break
+    return captions
+
+
+# --- beam search -----------------------------------------------------------------
+
+def _top_candidates(total, how_many):
+    """Indices of the `how_many` best entries of each row, best first.
+
+    argpartition finds them in linear time (a row has beam_width x vocabulary
+    entries); only those few are then sorted, ties going to the lower index
+    as np.argmax does, so that beam width 1 reproduces greedy exactly.
+    """
+    how_many = min(how_many, total.shape[1])
+    top = np.argpartition(-total, how_many - 1, axis=1)[:, :how_many]
+    values = np.take_along_axis(total, top, axis=1)
+    order = np.lexsort((top, -values), axis=1)
+    return np.take_along_axis(top, order, axis=1)
+
+
+def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3,
+                length_alpha=DEFAULT_LENGTH_ALPHA, n_best=1, pad_id=DEFAULT_PAD_ID):
+    """Caption each image with beam search; return its `n_best` hypotheses, best first (notebook 04).
+
+    At every step each of the k live partial captions ("beams") is extended
+    by every word; of the k x V candidates of an image the best (by total
+    log-probability) survive:
+      * a candidate ending in <end> that ranks among the image's top k is
+        set aside as a finished hypothesis, scored log_prob / length**alpha;
+      * the best k candidates that do not end become the next step's beams.
+    An image is done when it has k finished hypotheses; at `max_length` words
+    the surviving beams are finished as they are. Beam width 1 is greedy.
+
+    Stopping at k finished hypotheses is the usual rule, and it is exact only
+    in the sense that nothing better could be found *among what was kept*:
+    with a small k a pruned prefix may have led to a better caption, and with
+    alpha > 0 a longer hypothesis may still have overtaken the finished ones.
+    With k so large that nothing is ever pruned it is exhaustive, for any
+    alpha (tests/test_decoding.py checks exactly that).
+
+    Returns, per image, a list of `Hypothesis` sorted by score, best first.
+    """
+    features = _check(features, start_id, end_id, max_length)
+    beam_width, n_best = int(beam_width), int(n_best)
+    if beam_width < 1:
+        raise ValueError(f"beam_width must be at least 1, got {beam_width}")
+    if not 1 <= n_best <= beam_width:
+        raise ValueError(f"n_best must be between 1 and beam_width ({beam_width}), got {n_best}")
+    if length_alpha < 0:
+        raise ValueError(f"length_alpha must be >= 0, got {length_alpha}")
+    count, k = len(features), beam_width
+    if count == 0:
+        return []
+
+    # Flatten images x beams into rows: row i * k + b is beam b of image i.
+    # Every beam of an image starts from the same state; only beam 0 is live
+    # at first (the others score -inf), so the first step does not yield k
+    # copies of the same word.
+    states = [np.repeat(np.asarray(state), k, axis=0) for state in decoder.initial_state(features)]
+    row_features = np.repeat(features, k, axis=0)
+    beam_log_probs = np.full((count, k), -np.inf)
+    beam_log_probs[:, 0] = 0.0
+    beam_words = np.zeros((count, k, 0), dtype=np.int64)  # the words so far, per beam
+    words = np.full(count * k, start_id, dtype=np.int32)
+    finished = [[] for _ in range(count)]  # per image: (score, log_prob, ids)
+    done = np.zeros(count, dtype=bool)
+    banned = _banned(start_id, pad_id)
+    images = np.arange(count)[:, None]
+
+    for length in range(1, int(max_length) + 1):
+        log_probs, states = _step(decoder, words, states, row_features, banned)
+        vocab_size = log_probs.shape[1]
+        total = beam_log_probs[:, :, None] + log_probs.reshape(count, k, vocab_size)
+        total[done] = -np.inf  # done images take no further part
+        # The best 2k candidates: at most k of them end (one per beam), so at
+        # least k remain to continue.
+        top = _top_candidates(total.reshape(count, k * vocab_size), 2 * k)
+        top_log_probs = np.take_along_axis(total.reshape(count, -1), top, axis=1)
+        top_beams, top_tokens = top // vocab_size, top % vocab_size
+
+        last_step = length == int(max_length)
+        # Set aside what finishes: candidates in an image's top k that end, or,
+        # at the last step, that image's top k whatever they are.
+        finishing = np.isfinite(top_log_probs) & (np.arange(top.shape[1]) < k)
+        if not last_step:
+            finishing &= top_tokens == end_id
+        for image, position in zip(*np.nonzero(finishing)):
+            ids = beam_words[image, top_beams[image, position]].tolist()
+            token = int(top_tokens[image, position])
+            if token != end_id:
+                ids.append(token)  # reached max_length words without <end>
+            log_prob = float(top_log_probs[image, position])
+            finished[image].append((length_normalised(log_prob, length, length_alpha), log_prob, ids))
+        for image in np.flatnonzero(finishing.any(axis=1)):
+            finished[image].sort(key=lambda hypothesis: -hypothesis[0])
+            del finished[image][k:]  # only the best k can ever be returned
+            done[image] |= len(finished[image]) >= k
+        if last_step or done.all():
+            break
+
+        # The next beams: each image's k best candidates that do not end.
+        # A stable sort on "ends?" moves them to the front, keeping their order.
+        continuing = np.argsort(top_tokens == end_id, axis=1, kind="stable")[:, :k]
+        chosen_beams = np.take_along_axis(top_beams, continuing, axis=1)
+        chosen_tokens = np.take_along_axis(top_tokens, continuing, axis=1)
+        beam_log_probs = np.take_along_axis(top_log_probs, continuing, axis=1)
+        beam_words = np.concatenate([beam_words[images, chosen_beams], chosen_tokens[:, :, None]], axis=2)
+        # Each new beam carries on from its parent's recurrent state: gather
+        # the parent rows (numpy indexing, no model call).
+        parent_rows = (images * k + chosen_beams).reshape(-1)
+        states = [state[parent_rows] for state in states]
+        words = chosen_tokens.reshape(-1).astype(np.int32)
+
+    return [
+        [Hypothesis(ids=ids, log_prob=log_prob, score=score) for score, log_prob, ids in image_finished[:n_best]]
+        for image_finished in finished
+    ]
