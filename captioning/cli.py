@@ -125,7 +125,19 @@ def cmd_caption(args):
 
 
 def cmd_evaluate(args):
-    raise NotImplementedError("evaluate")
+    import contextlib
+    import json
+
+    from captioning.evaluation import evaluate_bundle
+
+    # stdout carries only the metrics JSON, so that `... | jq .coco.CIDEr` works:
+    # anything the pipeline prints on the way goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        metrics = evaluate_bundle(args.model, args.dataset, args.data_dir, args.split, beam_width=args.beam,
+                                  out_dir=args.out, cache_dir=args.cache_dir)
+    print(json.dumps(metrics, indent=2))
+    print(f"captions of {metrics['images']} images written to {metrics['out_dir']}/captions.json", file=sys.stderr)
+    return 0
 
 
 def main(argv=None):

@@ -1,0 +1,137 @@
+"""Evaluate a trained bundle on a held-out split: caption every image, score, write the run's files.
+
+Taught in notebook 05_evaluation.ipynb and run by `python -m captioning evaluate`.
+The metrics themselves live in `captioning.evaluation`; this module is the
+plumbing around them: which images, which features, which references, and the
+two files a run leaves behind:
+
+    metrics.json    the scores, the diversity numbers and the settings of the run
+    captions.json   one entry per image: id, file, generated caption, its
+                    references and its own scores (to find the best and worst)
+
+Both are written atomically, so an interrupted evaluation never leaves a
+half-written file that a later notebook would read as a result.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+from captioning.evaluation import bleu_scores, coco_scores_per_image, diversity
+from captioning.fileio import work_paths, write_json_atomic
+
+# Captioning in chunks keeps beam search's working memory (chunk x beam x vocabulary
+# log-probabilities) small on a full 5,000-image COCO split.
+CHUNK = 500
+TRAINING_SPLITS = ("train", "restval")
+
+
+def _split_images(df, dataset, data_dir, split):
+    """{image id: (file name, absolute path)} and {image id: [raw references]} of one split."""
+    rows = df[df["split"] == split]
+    if rows.empty:
+        available = sorted(df["split"].unique())
+        raise ValueError(f"split {split!r} has no images on disk for {dataset} in {data_dir} "
+                         f"(splits with images: {', '.join(available) or 'none'})")
+    images, references = {}, {}
+    for row in rows.itertuples(index=False):
+        images[row.image_id] = (row.file_name, row.image_path)
+        references.setdefault(row.image_id, []).append(row.caption)
+    return images, references
+
+
+def _features(captioner, images, dataset, cache_dir):
+    """Features of the split's images from the shared cache, caching the missing ones first.
+
+    The cache folder is the one `train` and notebook 02 use, so a split that was
+    cached before costs nothing; only images it lacks go through the CNN. Images
+    that cannot be read are reported, not fatal.
+    """
+    from captioning.features import FeatureStore, cache_features
+
+    settings = captioner.settings
+    pooling = settings.get("pooling") or "none"
+    folder = work_paths(cache_dir, dataset, settings["encoder"], pooling)["features"]
+    try:
+        store = FeatureStore.open(folder)
+        missing = [image_id for image_id in images if image_id not in store]
+    except (FileNotFoundError, ValueError):
+        missing = list(images)
+    skipped = []
+    if missing:
+        report = cache_features({image_id: images[image_id][1] for image_id in missing}, folder,
+                                encoder=settings["encoder"], weights=settings["weights"],
+                                pooling=settings.get("pooling"), progress=False)
+        skipped = [{"id": image_id, "path": str(path), "reason": reason} for image_id, path, reason in report.skipped]
+        store = FeatureStore.open(folder)
+    _check_same_weights(store, settings, folder)
+    ids = [image_id for image_id in images if image_id in store]
+    return ids, store.get_many(ids), skipped
+
+
+def _check_same_weights(store, settings, folder):
+    """Features from other CNN weights than the bundle was trained on give fluent
+    nonsense, silently: refuse them."""
+    cached, trained = store.manifest.get("weights_id"), settings.get("weights_id")
+    if cached and trained and cached != trained:
+        raise ValueError(f"{folder}: features were cached with weights {cached!r} but the bundle was trained "
+                         f"on features from {trained!r}; pass another --cache-dir or delete that cache")
+
+
+def evaluate_bundle(bundle_dir, dataset, data_dir, split, *, beam_width=3, out_dir=None, cache_dir=None,
+                    meteor=True):
+    """Caption the `split` images of `dataset` with the bundle and score them (notebook 05).
+
+    References: every caption of each image in `load_dataset(dataset, data_dir)`
+    (images not on disk are left out). Features: the cache under
+    `work_paths(cache_dir, dataset, encoder, pooling)["features"]` (default
+    cache_dir: data/work), extended with any image it lacks. Decoding: beam
+    search of width `beam_width`. Writes metrics.json and captions.json into
+    `out_dir` (default: BUNDLE/eval-SPLIT) and returns the metrics dict.
+    """
+    from captioning.bundle import Captioner
+    from captioning.data import load_dataset
+
+    start = time.perf_counter()
+    bundle_dir = Path(bundle_dir)
+    if not isinstance(beam_width, int) or beam_width < 1:
+        raise ValueError(f"beam width must be a positive integer, got {beam_width!r}")
+    captioner = Captioner.load(bundle_dir)
+    settings = captioner.settings
+    if settings.get("dataset") not in (None, dataset):
+        print(f"note: {bundle_dir} was trained on {settings['dataset']}, evaluated here on {dataset}",
+              file=sys.stderr)
+    df = load_dataset(dataset, data_dir, karpathy_split=settings.get("karpathy_split"), on_disk_only=True)
+    images, raw_references = _split_images(df, dataset, data_dir, split)
+    ids, features, skipped = _features(captioner, images, dataset, cache_dir or "data/work")
+    if not ids:
+        raise ValueError(f"none of the {len(images)} {split!r} images could be read: {skipped[:3]}")
+
+    generated = []
+    for first in range(0, len(ids), CHUNK):
+        generated += captioner.caption_features(features[first:first + CHUNK], beam_width=beam_width)
+    hypotheses = dict(zip(ids, generated))
+    references = {image_id: raw_references[image_id] for image_id in ids}
+    training = df.loc[df["split"].isin(TRAINING_SPLITS), "caption"]
+
+    coco, per_image = coco_scores_per_image(references, hypotheses, meteor=meteor)
+    metrics = {
+        "bundle": str(bundle_dir), "arch": settings.get("arch"), "dataset": dataset, "split": split,
+        "encoder": settings.get("encoder"), "beam_width": beam_width,
+        "images": len(ids), "skipped_images": skipped,
+        "coco": coco, "bleu_nltk": bleu_scores(references, hypotheses),
+        "diversity": diversity(hypotheses, training),
+        "tokenization": "captioning.vocab.clean_caption, space-joined, for nltk and the COCO toolkit alike",
+    }
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
+
+    out_dir = Path(out_dir) if out_dir else bundle_dir / f"eval-{split}"
+    captions = [
+        {"id": image_id, "file": images[image_id][0], "path": str(images[image_id][1]),
+         "caption": hypotheses[image_id], "references": references[image_id], "scores": per_image[image_id]}
+        for image_id in ids
+    ]
+    write_json_atomic(out_dir / "captions.json", captions)
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    metrics["out_dir"] = str(out_dir)
+    return metrics
