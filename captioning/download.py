@@ -1,0 +1,328 @@
+"""Download COCO caption annotations and a subset of images (notebook 01, `make data`).
+
+The full COCO image archives are 18 GB; a classroom needs a few thousand
+photos. So we fetch the caption annotations (one 241 MB zip, of which we keep
+only captions_*.json), pick a seeded random subset of images, and download
+those one by one from their `coco_url`.
+
+Networks fail, so every download here is
+  * parallel   - a thread pool; the work is waiting on the network, not the CPU,
+  * resumable  - a file already complete (it decodes) is never fetched again,
+                 and the annotation zip continues where it stopped (HTTP Range),
+  * retried    - server errors (5xx) and dropped connections are tried again
+                 after 0.5 s, 1 s, 2 s, ...; a 404 is not (it will not get better),
+  * verified   - Pillow decodes each image, zipfile checks each CRC,
+  * atomic     - bytes go to a hidden `.NAME.part` file that is renamed to NAME
+                 only once verified, so a final name never holds half a file.
+Offline, we fail after one quick connection attempt with a message that says
+how to use local files instead.
+
+    python -m captioning.download --data-dir data/coco --subset-size 2000 [--split val]
+"""
+
+import argparse
+import concurrent.futures
+import dataclasses
+import http.client
+import os
+import random
+import re
+import shutil
+import socket
+import sys
+import time
+import zipfile
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+from captioning.fileio import atomic_path, read_json, safe_join
+
+ANNOTATIONS_URL = "http://images.cocodataset.org/annotations/annotations_trainval2017.zip"
+CAPTION_MEMBER = re.compile(r"(?:^|/)(captions_(?:train|val)2017\.json)$")
+TIMEOUT = (5.0, 30.0)  # seconds: (connect, each read)
+CHUNK = 1 << 16
+OFFLINE_HINT = (
+    "You seem to be offline. Use files you already have instead: put the COCO annotations in "
+    "DATA_DIR/annotations/ and the images in DATA_DIR/val2017/ (or DATA_DIR/images/), then pass that "
+    "existing folder with `--data-dir DATA_DIR` (e.g. `python -m captioning prepare --data-dir DATA_DIR ...`), "
+    "or in notebook 01 set download=False and data_dir to that folder."
+)
+
+
+class DownloadError(OSError):
+    """A download that failed; `retryable` says whether trying again could help."""
+
+    def __init__(self, message, retryable=True):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def check_online(url, timeout=3.0):
+    """One quick TCP connection to the URL's host; ConnectionError with OFFLINE_HINT if it fails."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        raise ConnectionError(f"cannot reach {parts.hostname}:{port} ({error}).\n{OFFLINE_HINT}") from None
+
+
+def _open(url, headers, timeout, redirects=5):
+    """GET `url` with separate connect and read timeouts; follow a few redirects."""
+    for _ in range(redirects + 1):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise DownloadError(f"refusing URL {url!r}: only http:// and https:// URLs are downloaded", False)
+        connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = connection_class(parts.hostname, parts.port, timeout=timeout[0])
+        connection.connect()  # under the short connect timeout ...
+        connection.sock.settimeout(timeout[1])  # ... then a longer one for each read
+        connection.request("GET", parts.path + (f"?{parts.query}" if parts.query else "") or "/", headers=headers)
+        response = connection.getresponse()
+        if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+            url = urljoin(url, response.getheader("Location"))
+            connection.close()
+            continue
+        return connection, response
+    raise DownloadError(f"too many redirects for {url}", False)
+
+
+def _fetch_once(url, part, timeout, resume, on_bytes):
+    offset = part.stat().st_size if resume and part.is_file() else 0
+    headers = {"User-Agent": "captioning-course"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    connection, response = _open(url, headers, timeout)
+    try:
+        if response.status == 206 and offset:
+            mode = "ab"  # the server continues where the last attempt stopped
+        elif response.status == 200:
+            mode = "wb"
+        else:
+            part.unlink(missing_ok=True)
+            raise DownloadError(f"HTTP {response.status} {response.reason}",
+                                retryable=response.status >= 500 or response.status == 429)
+        length = response.getheader("Content-Length")
+        expected = int(length) if length and length.isdigit() else None
+        received = 0
+        with open(part, mode) as out:
+            while chunk := response.read(CHUNK):
+                out.write(chunk)
+                received += len(chunk)
+                if on_bytes:
+                    on_bytes(len(chunk))
+        if expected is not None and received < expected:
+            raise DownloadError(f"body cut short: received {received} of {expected} bytes")
+    finally:
+        connection.close()
+
+
+def fetch(url, dest, *, verify=None, retries=3, backoff=0.5, timeout=TIMEOUT, resume=False, on_bytes=None):
+    """Download `url` to `dest` atomically; return the number of attempts it took.
+
+    `verify(path)` must raise if the downloaded file is damaged. With
+    resume=True a partial download is kept between attempts (and runs) and
+    continued with an HTTP Range request; otherwise every attempt starts over.
+    Raises DownloadError naming the URL once retries are spent, or at once
+    for errors that retrying cannot fix (404, a bad URL).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(f".{dest.name}.part")
+    attempt = 0
+    while True:
+        attempt += 1
+        keep_part = resume
+        try:
+            _fetch_once(url, part, timeout, resume, on_bytes)
+            if verify is not None:
+                try:
+                    verify(part)
+                except Exception as error:  # whatever the decoder says, the bytes are bad
+                    keep_part = False
+                    raise DownloadError(f"downloaded file is damaged: {error}") from None
+            os.replace(part, dest)
+            return attempt
+        except DownloadError as error:
+            failure = error
+        except (OSError, http.client.HTTPException) as error:  # timeouts, resets, refused, cut bodies
+            failure = DownloadError(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+        if not keep_part:
+            part.unlink(missing_ok=True)
+        if not failure.retryable or attempt > retries:
+            raise DownloadError(f"{url}: {failure} (after {attempt} attempt{'s' * (attempt > 1)})",
+                                failure.retryable)
+        time.sleep(backoff * 2 ** (attempt - 1))
+
+
+def verify_image(path):
+    """Raise unless Pillow can decode the whole image (a truncated JPEG raises)."""
+    from PIL import Image
+    with Image.open(path) as image:
+        image.draft("RGB", (64, 64))  # decode JPEGs at 1/8 scale: quick, yet every byte is read
+        image.load()
+
+
+def image_is_complete(path):
+    try:
+        verify_image(path)
+        return True
+    except Exception:
+        return False
+
+
+def verify_caption_zip(path):
+    """Raise unless the zip opens and its captions_*.json members pass their CRC check."""
+    with zipfile.ZipFile(path) as archive:
+        members = [info for info in archive.infolist() if CAPTION_MEMBER.search(info.filename)]
+        if not members:
+            raise ValueError(f"{path}: no captions_train2017.json / captions_val2017.json inside")
+        for info in members:
+            with archive.open(info) as member:  # reading to the end checks the CRC
+                while member.read(CHUNK):
+                    pass
+
+
+def download_annotations(data_dir, url=ANNOTATIONS_URL, *, keep_zip=False, progress=True, **fetch_options):
+    """Fetch the COCO annotation zip, keep only captions_*.json in DATA_DIR/annotations/. Notebook 01."""
+    from tqdm.auto import tqdm
+    data_dir = Path(data_dir)
+    check_online(url)
+    zip_path = safe_join(data_dir, Path(urlsplit(url).path).name or "annotations.zip", source="annotation URL")
+    if not zip_path.is_file():
+        with tqdm(unit="B", unit_scale=True, desc="annotations", disable=not progress) as bar:
+            fetch(url, zip_path, verify=verify_caption_zip, resume=True, on_bytes=bar.update, **fetch_options)
+    verify_caption_zip(zip_path)
+    written = []
+    with zipfile.ZipFile(zip_path) as archive:
+        for info in archive.infolist():
+            match = CAPTION_MEMBER.search(info.filename)
+            if match:  # only the base name is used, so a member named ../x cannot escape
+                target = safe_join(data_dir / "annotations", match.group(1), source="zip member")
+                with atomic_path(target) as temp, archive.open(info) as source, open(temp, "wb") as out:
+                    shutil.copyfileobj(source, out)
+                written.append(target)
+    if not keep_zip:
+        zip_path.unlink()
+    return written
+
+
+def choose_subset(annotation_file, subset_size, seed=0):
+    """A seeded random subset of the file's image entries.
+
+    We shuffle all images (sorted by id first) with a fixed seed and take the
+    first N, so a rerun picks the same images (and resumes), and a larger N
+    keeps every image a smaller N already downloaded.
+    """
+    data = read_json(annotation_file, "COCO annotation file")
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise ValueError(f"{annotation_file}: field 'images' is missing or not a list")
+    if subset_size < 0:
+        raise ValueError(f"subset_size must be at least 0, got {subset_size}")
+    for i, image in enumerate(images):
+        for key in ("id", "file_name", "coco_url"):
+            if not isinstance(image, dict) or key not in image:
+                raise ValueError(f"{annotation_file}: images[{i}] has no field {key!r}")
+    ordered = sorted(images, key=lambda image: str(image["id"]))
+    random.Random(seed).shuffle(ordered)
+    return ordered[:subset_size]
+
+
+@dataclasses.dataclass
+class DownloadReport:
+    folder: Path
+    downloaded: int = 0
+    present: int = 0
+    failed: list = dataclasses.field(default_factory=list)  # (file_name, url, reason)
+
+    def summary(self):
+        lines = [f"{self.folder}: {self.downloaded} downloaded, {self.present} already there, "
+                 f"{len(self.failed)} failed"]
+        lines += [f"  failed {name}: {reason}" for name, _, reason in self.failed[:20]]
+        if len(self.failed) > 20:
+            lines.append(f"  ... and {len(self.failed) - 20} more")
+        if self.failed:
+            lines.append("  run the same command again to retry them; finished images are kept")
+        return "\n".join(lines)
+
+
+def download_images(images, image_dir, *, workers=8, progress=True, **fetch_options):
+    """Download COCO image entries ({"file_name", "coco_url"}) into `image_dir`. Notebook 01.
+
+    Every name and URL is checked before anything is fetched: a file name
+    such as "../../x" or a file:// URL refuses the whole batch. Images already
+    complete are skipped; failures are collected, not raised, so one bad URL
+    does not stop the other 1,999.
+    """
+    from tqdm.auto import tqdm
+    image_dir = Path(image_dir)
+    jobs = []
+    for i, image in enumerate(images):
+        if not isinstance(image, dict) or "file_name" not in image or "coco_url" not in image:
+            raise ValueError(f"image entry {i} needs the fields 'file_name' and 'coco_url', got {image!r:.100}")
+        name, url = image["file_name"], image["coco_url"]
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise ValueError(f"refusing coco_url {url!r} of {name!r}: only http:// and https:// URLs")
+        jobs.append((name, url, safe_join(image_dir, name, source="coco_url file name")))
+    report = DownloadReport(image_dir)
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool, \
+            tqdm(total=len(jobs), unit="img", desc=image_dir.name, disable=not progress) as bar:
+        complete = list(pool.map(lambda job: image_is_complete(job[2]), jobs))
+        report.present = sum(complete)
+        bar.update(report.present)
+        missing = [job for job, done in zip(jobs, complete) if not done]
+        if missing:
+            check_online(missing[0][1])  # offline: one quick failure, not 2,000 slow ones
+        futures = {pool.submit(fetch, url, dest, verify=verify_image, **fetch_options): (name, url)
+                   for name, url, dest in missing}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                future.result()
+                report.downloaded += 1
+            except (OSError, http.client.HTTPException) as error:
+                report.failed.append((*futures[future], str(error)))
+                bar.set_postfix(failed=len(report.failed))
+            bar.update(1)
+    return report
+
+
+def download_coco(data_dir, subset_size=2000, *, split="val", seed=0, annotations_url=ANNOTATIONS_URL,
+                  workers=8, progress=True, **fetch_options):
+    """Annotations (if missing) + a seeded subset of `split` images into DATA_DIR/<split>2017/. Notebook 01.
+
+    The caption files are only ever written whole (extracted to a temporary
+    name after the zip's CRC check), so one on disk is a complete one.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    data_dir = Path(data_dir)
+    annotation_file = data_dir / "annotations" / f"captions_{split}2017.json"
+    if not annotation_file.is_file():
+        download_annotations(data_dir, annotations_url, progress=progress, **fetch_options)
+    images = choose_subset(annotation_file, subset_size, seed)
+    return download_images(images, data_dir / f"{split}2017", workers=workers, progress=progress, **fetch_options)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m captioning.download", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True, help="e.g. data/coco")
+    parser.add_argument("--subset-size", type=int, default=2000, help="how many images to download")
+    parser.add_argument("--split", choices=("train", "val"), default="val")
+    parser.add_argument("--seed", type=int, default=0, help="which random subset (keep it to resume)")
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--retries", type=int, default=3)
+    parser.add_argument("--annotations-url", default=ANNOTATIONS_URL)
+    args = parser.parse_args(argv)
+    try:
+        report = download_coco(args.data_dir, args.subset_size, split=args.split, seed=args.seed,
+                               annotations_url=args.annotations_url, workers=args.workers, retries=args.retries)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
