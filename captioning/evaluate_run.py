@@ -40,31 +40,34 @@ def _split_images(df, dataset, data_dir, split):
     return images, references
 
 
-def _features(captioner, images, dataset, cache_dir):
-    """Features of the split's images from the shared cache, caching the missing ones first.
+def _features(captioner, df, images, dataset, cache_dir):
+    """Features of the split's images from the shared cache, filling the cache first if it lacks some.
 
     The cache folder is the one `train` and notebook 02 use, so a split that was
-    cached before costs nothing; only images it lacks go through the CNN. Images
-    that cannot be read are reported, not fatal.
+    cached before costs nothing. A cache holds exactly the images it was last
+    asked for, so when images are missing we ask for every image of the dataset
+    on disk (as `train` does), never for this split alone, which would replace
+    the training features. Unreadable images are reported, not fatal.
     """
     from captioning.features import FeatureStore, cache_features
 
     settings = captioner.settings
-    pooling = settings.get("pooling") or "none"
-    folder = work_paths(cache_dir, dataset, settings["encoder"], pooling)["features"]
+    folder = work_paths(cache_dir, dataset, settings["encoder"], settings.get("pooling") or "none")["features"]
     try:
         store = FeatureStore.open(folder)
-        missing = [image_id for image_id in images if image_id not in store]
+        unreadable = {image_id for image_id, _, _ in store.skipped}
+        missing = [image_id for image_id in images if image_id not in store and image_id not in unreadable]
     except (FileNotFoundError, ValueError):
         missing = list(images)
-    skipped = []
     if missing:
-        report = cache_features({image_id: images[image_id][1] for image_id in missing}, folder,
-                                encoder=settings["encoder"], weights=settings["weights"],
-                                pooling=settings.get("pooling"), progress=False)
-        skipped = [{"id": image_id, "path": str(path), "reason": reason} for image_id, path, reason in report.skipped]
+        print(f"caching {settings['encoder']} features into {folder} ({len(missing)} images of "
+              "the split were not cached)", file=sys.stderr)
+        cache_features(df[["image_id", "image_path"]], folder, encoder=settings["encoder"],
+                       weights=settings["weights"], pooling=settings.get("pooling"), progress=False)
         store = FeatureStore.open(folder)
     _check_same_weights(store, settings, folder)
+    skipped = [{"id": image_id, "path": path, "reason": reason}
+               for image_id, path, reason in store.skipped if image_id in images]
     ids = [image_id for image_id in images if image_id in store]
     return ids, store.get_many(ids), skipped
 
@@ -103,7 +106,7 @@ def evaluate_bundle(bundle_dir, dataset, data_dir, split, *, beam_width=3, out_d
               file=sys.stderr)
     df = load_dataset(dataset, data_dir, karpathy_split=settings.get("karpathy_split"), on_disk_only=True)
     images, raw_references = _split_images(df, dataset, data_dir, split)
-    ids, features, skipped = _features(captioner, images, dataset, cache_dir or "data/work")
+    ids, features, skipped = _features(captioner, df, images, dataset, cache_dir or "data/work")
     if not ids:
         raise ValueError(f"none of the {len(images)} {split!r} images could be read: {skipped[:3]}")
 
