@@ -1,0 +1,206 @@
+"""Pretrained CNN encoders: a photo in, a feature vector (or grid) out.
+
+Taught in notebook 02 (02_feature_caching.ipynb). A captioner never trains
+its image encoder here: an ImageNet classifier with its classification head
+cut off already turns a photo into 1,280 or 2,048 numbers that describe
+what is in it, and computing those once (see features.py) makes training the
+language model fast.
+
+Two encoders, each with the input size and `preprocess_input` it was trained
+with (feeding one network the other's preprocessing silently hurts quality):
+
+    inception_v3   299 px, 2048-d pooled or an 8x8x2048 grid   (the default; ~6 GFLOPs)
+    mobilenet_v2   224 px, 1280-d pooled or a 7x7x1280 grid    (~7x faster on a laptop CPU)
+
+`pooling="avg"` averages the grid into one vector (for merge/inject models);
+`pooling=None` keeps the grid, for attention models that look at regions.
+"""
+
+import hashlib
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from captioning import quiet_tensorflow
+
+tf = quiet_tensorflow()
+import keras  # noqa: E402  (after quiet_tensorflow, on purpose)
+
+from captioning import images as image_io  # noqa: E402
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    application: str  # class name in keras.applications
+    module: str  # keras.applications submodule holding its preprocess_input
+    image_size: int
+    grid: int  # side of the spatial feature grid at image_size
+    channels: int  # feature depth
+
+
+ENCODERS = {
+    "inception_v3": EncoderSpec("InceptionV3", "inception_v3", 299, 8, 2048),
+    "mobilenet_v2": EncoderSpec("MobileNetV2", "mobilenet_v2", 224, 7, 1280),
+}
+
+# Downloading ImageNet weights must not hang a class on a dead network:
+# give up on a silent connection after this many seconds.
+DOWNLOAD_TIMEOUT_S = 30
+
+
+def _spec(name):
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}: choose one of {', '.join(ENCODERS)}")
+    return ENCODERS[name]
+
+
+def _pooling(pooling):
+    if pooling in (None, "none"):
+        return None
+    if pooling != "avg":
+        raise ValueError(f"pooling must be 'avg' or None (the spatial grid), not {pooling!r}")
+    return "avg"
+
+
+def _weights_file(weights):
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights file not found: {path} (--weights takes 'imagenet' or the path of a local .weights.h5 file)"
+        )
+    return path
+
+
+def _file_id(path):
+    """A weights file's identity: its name and the start of its sha256, so that two
+    different files with the same name never share a feature cache."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"{Path(path).name}:sha256:{digest.hexdigest()[:16]}"
+
+
+def encoder_settings(name="inception_v3", weights="imagenet", pooling="avg"):
+    """What identifies an encoder's features, computed without building the network.
+
+    The feature cache compares these with its manifest, so that a finished
+    cache is reused (or found stale) in a second, even offline. Returns None
+    for random weights (weights=None), which only a built model can identify.
+    """
+    spec, pooling = _spec(name), _pooling(pooling)
+    if weights is None or weights == "none":
+        return None
+    weights_id = "imagenet" if weights == "imagenet" else _file_id(_weights_file(weights))
+    shape = (spec.channels,) if pooling == "avg" else (spec.grid, spec.grid, spec.channels)
+    return {"encoder": name, "weights_id": weights_id, "image_size": spec.image_size,
+            "pooling": pooling or "none", "feature_shape": list(shape)}
+
+
+@dataclass
+class Encoder:
+    """A built encoder. `encode(images)` takes a batch already passed through `preprocess`."""
+
+    name: str
+    weights_id: str
+    image_size: int
+    pooling: str | None
+    feature_shape: tuple
+    model: keras.Model
+    preprocess: Callable
+    _forward: Callable = field(init=False, repr=False)
+
+    def __post_init__(self):
+        # One traced graph for every batch size (the batch dimension is None),
+        # instead of Keras's predict() machinery per call.
+        signature = [tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)]
+        self._forward = tf.function(lambda batch: self.model(batch, training=False), input_signature=signature)
+
+    def encode(self, images):
+        """(N, S, S, 3) preprocessed float32 -> np.ndarray float32 (N, *feature_shape)."""
+        return self._forward(tf.convert_to_tensor(images, tf.float32)).numpy()
+
+    def settings(self):
+        """The manifest fields that identify these features (see encoder_settings)."""
+        return {"encoder": self.name, "weights_id": self.weights_id, "image_size": self.image_size,
+                "pooling": self.pooling or "none", "feature_shape": list(self.feature_shape)}
+
+
+def _download_imagenet(build, name):
+    """Build with Keras's ImageNet weights, turning a failed download into a clear error."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return build("imagenet")
+    except Exception as error:  # Keras wraps network failures in a bare Exception
+        text = str(error)
+        if "URL fetch failure" not in text and not isinstance(error, (OSError, TimeoutError)):
+            raise
+        raise ValueError(
+            f"could not download the ImageNet weights for {name} ({text.strip()[:200]}). "
+            "Offline? Fetch the no-top .weights.h5 file on a machine that is online and pass its path "
+            "with --weights PATH (in Python: weights=PATH)."
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def build_encoder(name="inception_v3", weights="imagenet", pooling="avg"):
+    """Build a headless ImageNet CNN: weights "imagenet" (Keras downloads them once into
+    ~/.keras/models), the path of a local .weights.h5 file, or None (random, for tests).
+
+    Taught in notebook 02.
+    """
+    spec, pooling = _spec(name), _pooling(pooling)
+    application = getattr(keras.applications, spec.application)
+    module = getattr(keras.applications, spec.module)
+
+    def build(model_weights):
+        return application(include_top=False, weights=model_weights, pooling=pooling,
+                           input_shape=(spec.image_size, spec.image_size, 3))
+
+    if weights == "imagenet":
+        model, weights_id = _download_imagenet(build, name), "imagenet"
+    elif weights is None or weights == "none":
+        model = build(None)
+        # Random weights differ on every build; name them by their values so a
+        # cache made with one random network is never taken for another's.
+        digest = hashlib.sha256()
+        for array in model.get_weights():
+            digest.update(np.ascontiguousarray(array).tobytes())
+        weights_id = f"random:sha256:{digest.hexdigest()[:16]}"
+    else:
+        path = _weights_file(weights)
+        model = build(None)
+        try:
+            model.load_weights(path)
+        except Exception as error:  # h5py/Keras raise many types for a wrong or damaged file
+            raise ValueError(f"{path}: cannot load these weights into {name} (no top): {error}") from None
+        weights_id = _file_id(path)
+    return Encoder(name=name, weights_id=weights_id, image_size=spec.image_size, pooling=pooling,
+                   feature_shape=tuple(model.output_shape[1:]), model=model, preprocess=module.preprocess_input)
+
+
+def encode_images(encoder, paths, batch_size=32):
+    """Features of arbitrary photos (what `caption` uses); unreadable files are reported, not fatal.
+
+    Returns (features float32 (N_ok, *feature_shape), ok_indices, errors) where
+    ok_indices are positions in `paths` (ascending) and errors a list of
+    (path, reason). Taught in notebook 02.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    paths = [str(path) for path in paths]
+    features = np.zeros((len(paths), *encoder.feature_shape), dtype=np.float32)
+    ok = np.zeros(len(paths), dtype=bool)
+    failures = []
+    for indices, batch in image_io.iterate_batches(paths, encoder.image_size, encoder.preprocess,
+                                                   batch_size, failures):
+        features[indices] = encoder.encode(batch)
+        ok[indices] = True
+    ok_indices = np.flatnonzero(ok)
+    errors = [(paths[index], reason) for index, reason in sorted(failures)]
+    return features[ok_indices], ok_indices.tolist(), errors
