@@ -79,6 +79,8 @@ def build_parser():
     evaluate.add_argument("--out", default=None,
                           help="folder for metrics.json and captions.json (default: BUNDLE/eval-SPLIT)")
     evaluate.add_argument("--cache-dir", default=None, help="feature cache location (default: data/work)")
+    evaluate.add_argument("--karpathy-split", default=None,
+                          help="COCO only: Karpathy's dataset_coco.json, for --split test/val/restval")
     evaluate.set_defaults(handler=cmd_evaluate)
     return parser
 
@@ -134,7 +136,7 @@ def cmd_evaluate(args):
     # anything the pipeline prints on the way goes to stderr.
     with contextlib.redirect_stdout(sys.stderr):
         metrics = evaluate_bundle(args.model, args.dataset, args.data_dir, args.split, beam_width=args.beam,
-                                  out_dir=args.out, cache_dir=args.cache_dir)
+                                  out_dir=args.out, cache_dir=args.cache_dir, karpathy_split=args.karpathy_split)
     print(json.dumps(metrics, indent=2))
     print(f"captions of {metrics['images']} images written to {metrics['out_dir']}/captions.json", file=sys.stderr)
     return 0

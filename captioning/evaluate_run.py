@@ -82,11 +82,12 @@ def _check_same_weights(store, settings, folder):
 
 
 def evaluate_bundle(bundle_dir, dataset, data_dir, split, *, beam_width=3, out_dir=None, cache_dir=None,
-                    meteor=True):
+                    karpathy_split=None, meteor=True):
     """Caption the `split` images of `dataset` with the bundle and score them (notebook 05).
 
     References: every caption of each image in `load_dataset(dataset, data_dir)`
-    (images not on disk are left out). Features: the cache under
+    (images not on disk are left out); for COCO, `karpathy_split` (the path of
+    dataset_coco.json) gives Karpathy's train/restval/val/test splits. Features: the cache under
     `work_paths(cache_dir, dataset, encoder, pooling)["features"]` (default
     cache_dir: data/work), extended with any image it lacks. Decoding: beam
     search of width `beam_width`. Writes metrics.json and captions.json into
@@ -104,7 +105,7 @@ def evaluate_bundle(bundle_dir, dataset, data_dir, split, *, beam_width=3, out_d
     if settings.get("dataset") not in (None, dataset):
         print(f"note: {bundle_dir} was trained on {settings['dataset']}, evaluated here on {dataset}",
               file=sys.stderr)
-    df = load_dataset(dataset, data_dir, karpathy_split=settings.get("karpathy_split"), on_disk_only=True)
+    df = load_dataset(dataset, data_dir, karpathy_split=karpathy_split, on_disk_only=True)
     images, raw_references = _split_images(df, dataset, data_dir, split)
     ids, features, skipped = _features(captioner, df, images, dataset, cache_dir or "data/work")
     if not ids:
@@ -121,6 +122,7 @@ def evaluate_bundle(bundle_dir, dataset, data_dir, split, *, beam_width=3, out_d
     metrics = {
         "bundle": str(bundle_dir), "arch": settings.get("arch"), "dataset": dataset, "split": split,
         "encoder": settings.get("encoder"), "beam_width": beam_width,
+        "karpathy_split": str(karpathy_split) if karpathy_split else None,
         "images": len(ids), "skipped_images": skipped,
         "coco": coco, "bleu_nltk": bleu_scores(references, hypotheses),
         "diversity": diversity(hypotheses, training),

@@ -267,9 +267,9 @@ def results_table(runs, columns=TABLE_COLUMNS):
 
 
 def evaluate_bundle(bundle_dir, dataset, data_dir, split, *, beam_width=3, out_dir=None, cache_dir=None,
-                    meteor=True):
-    """Caption a held-out split with a saved bundle and score it; see `captioning.evaluate_run`."""
+                    karpathy_split=None, meteor=True):
+    """Caption a held-out split with a saved bundle and score it (notebook 05); see `captioning.evaluate_run`."""
     from captioning.evaluate_run import evaluate_bundle as run
 
     return run(bundle_dir, dataset, data_dir, split, beam_width=beam_width, out_dir=out_dir,
-               cache_dir=cache_dir, meteor=meteor)
+               cache_dir=cache_dir, karpathy_split=karpathy_split, meteor=meteor)
