@@ -68,6 +68,9 @@ def build_parser():
     caption.add_argument("--model", required=True, help="bundle folder written by `train`")
     caption.add_argument("--beam", type=int, default=3, help="beam width (1 = greedy)")
     caption.add_argument("--batch-size", type=int, default=32)
+    caption.add_argument("--weights", default=None,
+                         help="where to find the encoder weights the bundle was trained with, if not where "
+                              "bundle.json says (they must be the same weights)")
     caption.add_argument("images", nargs="+", metavar="IMAGE")
     caption.set_defaults(handler=cmd_caption)
 
@@ -123,7 +126,21 @@ def cmd_train(args):
 
 
 def cmd_caption(args):
-    raise NotImplementedError("caption")
+    if args.beam < 1:
+        raise ValueError(f"--beam must be at least 1 (1 = greedy), not {args.beam}")
+    from captioning.bundle import Captioner
+
+    captioner = Captioner.load(args.model)
+    captions, errors = captioner.caption_images(args.images, beam_width=args.beam, batch_size=args.batch_size,
+                                                weights=args.weights)
+    # One line per image that could be read, in the order given; a bad file
+    # does not cost the others their captions, but it does fail the command.
+    for path, caption in zip(args.images, captions):
+        if caption is not None:
+            print(f"{path}\t{caption}")
+    for path, reason in errors:
+        print(f"error: {path}: {reason}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def cmd_evaluate(args):
