@@ -17,7 +17,7 @@ Networks fail, so every download here is
 Offline, we fail after one quick connection attempt with a message that says
 how to use local files instead.
 
-    python -m captioning.download --data-dir data/coco --subset-size 2000 [--split val]
+    python -m captioning.download --data-dir data/coco --subset-size 2000 [--split both|train|val]
 """
 
 import argparse
@@ -287,41 +287,55 @@ def download_images(images, image_dir, *, workers=8, progress=True, **fetch_opti
     return report
 
 
-def download_coco(data_dir, subset_size=2000, *, split="val", seed=0, annotations_url=ANNOTATIONS_URL,
-                  workers=8, progress=True, **fetch_options):
-    """Annotations (if missing) + a seeded subset of `split` images into DATA_DIR/<split>2017/. Notebook 01.
+TRAIN_SHARE = 0.8  # split="both": this share of the subset is training images, the rest val
 
+
+def download_coco(data_dir, subset_size=2000, *, split="both", seed=0, annotations_url=ANNOTATIONS_URL,
+                  workers=8, progress=True, **fetch_options):
+    """Annotations (if missing) + a seeded subset of images into DATA_DIR/<split>2017/. Notebook 01.
+
+    split="both" (the default) splits `subset_size` 80/20 between train2017
+    and val2017, so the notebooks have images to train on and held-out images
+    to evaluate on. Returns {split: DownloadReport}.
     The caption files are only ever written whole (extracted to a temporary
     name after the zip's CRC check), so one on disk is a complete one.
     """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if split not in ("train", "val", "both"):
+        raise ValueError(f"split must be 'train', 'val' or 'both', got {split!r}")
+    if split == "both":
+        train_size = round(subset_size * TRAIN_SHARE)
+        sizes = {"train": train_size, "val": subset_size - train_size}
+    else:
+        sizes = {split: subset_size}
     data_dir = Path(data_dir)
-    annotation_file = data_dir / "annotations" / f"captions_{split}2017.json"
-    if not annotation_file.is_file():
+    files = {name: data_dir / "annotations" / f"captions_{name}2017.json" for name in sizes}
+    if not all(path.is_file() for path in files.values()):
         download_annotations(data_dir, annotations_url, progress=progress, **fetch_options)
-    images = choose_subset(annotation_file, subset_size, seed)
-    return download_images(images, data_dir / f"{split}2017", workers=workers, progress=progress, **fetch_options)
+    return {name: download_images(choose_subset(files[name], size, seed), data_dir / f"{name}2017",
+                                  workers=workers, progress=progress, **fetch_options)
+            for name, size in sizes.items()}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m captioning.download", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="e.g. data/coco")
     parser.add_argument("--subset-size", type=int, default=2000, help="how many images to download")
-    parser.add_argument("--split", choices=("train", "val"), default="val")
+    parser.add_argument("--split", choices=("train", "val", "both"), default="both",
+                        help="both: 80%% of the subset from train2017, 20%% from val2017")
     parser.add_argument("--seed", type=int, default=0, help="which random subset (keep it to resume)")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--retries", type=int, default=3)
     parser.add_argument("--annotations-url", default=ANNOTATIONS_URL)
     args = parser.parse_args(argv)
     try:
-        report = download_coco(args.data_dir, args.subset_size, split=args.split, seed=args.seed,
-                               annotations_url=args.annotations_url, workers=args.workers, retries=args.retries)
+        reports = download_coco(args.data_dir, args.subset_size, split=args.split, seed=args.seed,
+                                annotations_url=args.annotations_url, workers=args.workers, retries=args.retries)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(report.summary())
-    return 1 if report.failed else 0
+    for report in reports.values():
+        print(report.summary())
+    return 1 if any(report.failed for report in reports.values()) else 0
 
 
 if __name__ == "__main__":

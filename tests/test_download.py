@@ -186,12 +186,12 @@ def test_non_http_urls_are_refused(tmp_path, url):
 
 # --- a batch of images ---------------------------------------------------------------------
 
-def serve_images(server, count):
+def serve_images(server, count, split="val", first_id=0):
     entries = []
-    for i in range(count):
+    for i in range(first_id, first_id + count):
         name = f"{i:012d}.jpg"
-        server.files[f"/val2017/{name}"] = jpeg_bytes(100 + i)
-        entries.append({"id": i, "file_name": name, "coco_url": server.url(f"/val2017/{name}")})
+        server.files[f"/{split}2017/{name}"] = jpeg_bytes(100 + i)
+        entries.append({"id": i, "file_name": name, "coco_url": server.url(f"/{split}2017/{name}")})
     return entries
 
 
@@ -253,14 +253,16 @@ def test_subset_is_seeded_and_grows_without_changing(tmp_path):
 # --- annotations + subset, end to end -------------------------------------------------------
 
 def serve_coco(server, count=5, corrupt_zip=False):
-    entries = serve_images(server, count)
-    captions = {"images": entries,
-                "annotations": [{"id": 10 * i + j, "image_id": i, "caption": f"a photo number {i} {j}"}
-                                for i in range(count) for j in range(5)]}
+    """A zip with captions for `count` val images (ids 0..) and 2 * count train images (ids 1000..)."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("annotations/captions_val2017.json", json.dumps(captions))
-        archive.writestr("annotations/captions_train2017.json", json.dumps({"images": [], "annotations": []}))
+        for split, entries in (("val", serve_images(server, count)),
+                               ("train", serve_images(server, 2 * count, "train", 1000))):
+            captions = {"images": entries,
+                        "annotations": [{"id": 10 * image["id"] + j, "image_id": image["id"],
+                                         "caption": f"a photo number {image['id']} {j}"}
+                                        for image in entries for j in range(5)]}
+            archive.writestr(f"annotations/captions_{split}2017.json", json.dumps(captions))
         archive.writestr("annotations/instances_val2017.json", "{}")
     payload = bytearray(buffer.getvalue())
     if corrupt_zip:
@@ -272,18 +274,24 @@ def serve_coco(server, count=5, corrupt_zip=False):
 def test_download_coco_fetches_annotations_and_a_subset_then_resumes(server, tmp_path):
     zip_url = serve_coco(server)
     server.plans["/annotations/annotations_trainval2017.zip"] = ["cut"]
-    report = download.download_coco(tmp_path, 3, annotations_url=zip_url, progress=False, **FAST)
+    report = download.download_coco(tmp_path, 3, split="val", annotations_url=zip_url, progress=False, **FAST)["val"]
     assert (report.downloaded, report.failed) == (3, [])
+    assert server.ranges["/annotations/annotations_trainval2017.zip"][1].startswith("bytes=")  # resumed
     assert sorted(path.name for path in (tmp_path / "annotations").iterdir()) == [
         "captions_train2017.json", "captions_val2017.json"]  # only the caption files are kept
     assert not (tmp_path / "annotations_trainval2017.zip").exists()
     table = data.load_dataset("coco", tmp_path, on_disk_only=True)
-    assert table["image_id"].nunique() == 3 and table.attrs["dropped_images"] == 2
+    assert table["image_id"].nunique() == 3 and table.attrs["dropped_images"] == 2 + 10  # 10 train images
 
     hits = sum(server.hits.values())
-    again = download.download_coco(tmp_path, 3, annotations_url=zip_url, progress=False, **FAST)
+    again = download.download_coco(tmp_path, 3, split="val", annotations_url=zip_url, progress=False, **FAST)["val"]
     assert (again.downloaded, again.present) == (0, 3)
     assert sum(server.hits.values()) == hits
+
+    both = download.download_coco(tmp_path, 10, annotations_url=zip_url, progress=False, **FAST)
+    assert (both["train"].downloaded, both["val"].downloaded, both["val"].present) == (8, 0, 2)
+    table = data.load_dataset("coco", tmp_path, on_disk_only=True)
+    assert table.groupby("split")["image_id"].nunique().to_dict() == {"train": 8, "val": 3}
 
 
 def test_damaged_annotation_zip_is_refused(server, tmp_path):
@@ -298,7 +306,7 @@ def test_module_entry_point_downloads_and_prints_a_summary(server, tmp_path):
     zip_url = serve_coco(server)
     del server.files["/val2017/000000000001.jpg"]
     result = subprocess.run(
-        [sys.executable, "-m", "captioning.download", "--data-dir", str(tmp_path), "--subset-size", "5",
+        [sys.executable, "-m", "captioning.download", "--data-dir", str(tmp_path), "--subset-size", "5", "--split", "val",
          "--annotations-url", zip_url, "--retries", "0"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
