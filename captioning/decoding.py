@@ -31,7 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 
 # The course's vocabulary puts <pad> at id 0 (vocab.py). The decoders never
-# emit it, nor <start>: those ids get probability zero at every step.
+# emit it, nor <start>: those ids get probability zero at every step. Callers
+# may ban more with `banned_ids`, e.g. vocab.unk_id: a model trained with rare
+# words replaced by <unk> happily predicts it, and users do not want to read it.
 DEFAULT_PAD_ID = 0
 
 # Length normalisation: score = log_prob / length ** alpha. Log-probabilities
@@ -78,13 +80,16 @@ def _step(decoder, words, states, features, banned):
     return log_probs, [np.asarray(state) for state in states]
 
 
-def _banned(start_id, pad_id):
-    return sorted({int(start_id), int(pad_id)})
+def _banned(start_id, end_id, pad_id, banned_ids):
+    banned = {int(start_id), int(pad_id), *map(int, banned_ids)}
+    if end_id in banned:
+        raise ValueError(f"end_id {end_id} cannot be banned: captions could never finish")
+    return sorted(banned)
 
 
 # --- greedy ----------------------------------------------------------------------
 
-def greedy_decode(decoder, features, *, start_id, end_id, max_length, pad_id=DEFAULT_PAD_ID):
+def greedy_decode(decoder, features, *, start_id, end_id, max_length, pad_id=DEFAULT_PAD_ID, banned_ids=()):
     """Caption each image with the most likely word at every step (notebook 04).
 
     Fast and deterministic, but short-sighted: a likely first word can lead
@@ -98,7 +103,7 @@ def greedy_decode(decoder, features, *, start_id, end_id, max_length, pad_id=DEF
     words = np.full(count, start_id, dtype=np.int32)
     finished = np.zeros(count, dtype=bool)
     captions = [[] for _ in range(count)]
-    banned = _banned(start_id, pad_id)
+    banned = _banned(start_id, end_id, pad_id, banned_ids)
     for _ in range(int(max_length)):
         log_probs, states = _step(decoder, words, states, features, banned)
         words = log_probs.argmax(axis=1).astype(np.int32)
@@ -115,7 +120,7 @@ def greedy_decode(decoder, features, *, start_id, end_id, max_length, pad_id=DEF
 # --- sampling --------------------------------------------------------------------
 
 def sample_decode(decoder, features, *, start_id, end_id, max_length, temperature=1.0, seed=None,
-                  pad_id=DEFAULT_PAD_ID):
+                  pad_id=DEFAULT_PAD_ID, banned_ids=()):
     """Caption each image by drawing every word at random from the model (notebook 04).
 
     The temperature reshapes the distribution: below 1 it sharpens towards
@@ -132,7 +137,7 @@ def sample_decode(decoder, features, *, start_id, end_id, max_length, temperatur
     words = np.full(count, start_id, dtype=np.int32)
     finished = np.zeros(count, dtype=bool)
     captions = [[] for _ in range(count)]
-    banned = _banned(start_id, pad_id)
+    banned = _banned(start_id, end_id, pad_id, banned_ids)
     for _ in range(int(max_length)):
         log_probs, states = _step(decoder, words, states, features, banned)
         # The Gumbel-max trick: argmax(log p / T + Gumbel noise) is a draw from
@@ -164,7 +169,7 @@ def _top_candidates(total, how_many):
 
 
 def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3,
-                length_alpha=DEFAULT_LENGTH_ALPHA, n_best=1, pad_id=DEFAULT_PAD_ID):
+                length_alpha=DEFAULT_LENGTH_ALPHA, n_best=1, pad_id=DEFAULT_PAD_ID, banned_ids=()):
     """Caption each image with beam search; return its `n_best` hypotheses, best first (notebook 04).
 
     At every step each of the k live partial captions ("beams") is extended
@@ -209,7 +214,7 @@ def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3
     words = np.full(count * k, start_id, dtype=np.int32)
     finished = [[] for _ in range(count)]  # per image: (score, log_prob, ids)
     done = np.zeros(count, dtype=bool)
-    banned = _banned(start_id, pad_id)
+    banned = _banned(start_id, end_id, pad_id, banned_ids)
     images = np.arange(count)[:, None]
 
     for length in range(1, int(max_length) + 1):

@@ -170,6 +170,21 @@ def test_captions_never_contain_special_ids(features):
         assert not {PAD, START, END} & set(ids), ids
 
 
+def test_banned_ids_are_never_emitted(features):
+    decoder = TinyRNN(vocab_size=9, seed=2)
+    options = dict(start_id=START, end_id=END, max_length=6)
+    emitted = [word for ids in greedy_decode(decoder, features, **options) for word in ids]
+    assert emitted, "the model must say something for this test to mean anything"
+    favourite = int(np.bincount(emitted).argmax())
+    outputs = greedy_decode(decoder, features, banned_ids=[favourite], **options)
+    outputs += sample_decode(decoder, features, banned_ids=[favourite], seed=0, **options)
+    outputs += [h.ids for image in beam_search(decoder, features, banned_ids=[favourite], beam_width=3, n_best=3,
+                                               **options) for h in image]
+    assert all(favourite not in ids for ids in outputs)
+    with pytest.raises(ValueError, match="end_id"):
+        greedy_decode(decoder, features, banned_ids=[END], **options)
+
+
 def test_batched_results_equal_one_image_at_a_time(features):
     decoder = TinyRNN(vocab_size=14, seed=4, sharpness=2.0)
     options = dict(start_id=START, end_id=END, max_length=8)
