@@ -96,7 +96,8 @@ def encoder_settings(name="inception_v3", weights="imagenet", pooling="avg"):
         return None
     weights_id = "imagenet" if weights == "imagenet" else _file_id(_weights_file(weights))
     shape = (spec.channels,) if pooling == "avg" else (spec.grid, spec.grid, spec.channels)
-    return {"encoder": name, "weights_id": weights_id, "image_size": spec.image_size,
+    source = "imagenet" if weights == "imagenet" else str(Path(weights).resolve())
+    return {"encoder": name, "weights": source, "weights_id": weights_id, "image_size": spec.image_size,
             "pooling": pooling or "none", "feature_shape": list(shape)}
 
 
@@ -111,6 +112,7 @@ class Encoder:
     feature_shape: tuple
     model: keras.Model
     preprocess: Callable
+    weights: str = "none"  # "imagenet", the weights file's absolute path, or "none" (random)
     _forward: Callable = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -125,7 +127,7 @@ class Encoder:
 
     def settings(self):
         """The manifest fields that identify these features (see encoder_settings)."""
-        return {"encoder": self.name, "weights_id": self.weights_id, "image_size": self.image_size,
+        return {"encoder": self.name, "weights": self.weights, "weights_id": self.weights_id, "image_size": self.image_size,
                 "pooling": self.pooling or "none", "feature_shape": list(self.feature_shape)}
 
 
@@ -162,8 +164,9 @@ def build_encoder(name="inception_v3", weights="imagenet", pooling="avg"):
         return application(include_top=False, weights=model_weights, pooling=pooling,
                            input_shape=(spec.image_size, spec.image_size, 3))
 
+    source = "none"
     if weights == "imagenet":
-        model, weights_id = _download_imagenet(build, name), "imagenet"
+        model, weights_id, source = _download_imagenet(build, name), "imagenet", "imagenet"
     elif weights is None or weights == "none":
         model = build(None)
         # Random weights differ on every build; name them by their values so a
@@ -179,8 +182,8 @@ def build_encoder(name="inception_v3", weights="imagenet", pooling="avg"):
             model.load_weights(path)
         except Exception as error:  # h5py/Keras raise many types for a wrong or damaged file
             raise ValueError(f"{path}: cannot load these weights into {name} (no top): {error}") from None
-        weights_id = _file_id(path)
-    return Encoder(name=name, weights_id=weights_id, image_size=spec.image_size, pooling=pooling,
+        weights_id, source = _file_id(path), str(path.resolve())
+    return Encoder(weights=source, name=name, weights_id=weights_id, image_size=spec.image_size, pooling=pooling,
                    feature_shape=tuple(model.output_shape[1:]), model=model, preprocess=module.preprocess_input)
 
 
