@@ -118,7 +118,29 @@ def cmd_prepare(args):
 
 
 def cmd_features(args):
-    raise NotImplementedError("features")
+    from captioning.data import load_dataset
+    from captioning.features import cache_features
+
+    shard = None
+    if args.shard:
+        try:
+            shard = tuple(int(part) for part in args.shard.split("/"))
+        except ValueError:
+            shard = ()
+        if len(shard) != 2:
+            raise ValueError(f"--shard must look like I/N (e.g. 0/4), not {args.shard!r}")
+    images = load_dataset(args.dataset, args.data_dir, on_disk_only=True)
+    dropped = images.attrs.get("dropped_images", 0)
+    if dropped:
+        print(f"note: {dropped} images of the annotations are not on disk; "
+              f"caching the {images['image_id'].nunique()} that are")
+    report = cache_features(images, args.out, encoder=args.encoder, weights=args.weights,
+                            pooling=None if args.pooling == "none" else "avg",
+                            batch_size=args.batch_size, shard=shard)
+    print(report.summary())
+    if shard is not None:
+        print(f"shard {shard[0]}/{shard[1]} done; combine all shards with captioning.features.merge_shards")
+    return 0
 
 
 def cmd_train(args):
