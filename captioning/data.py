@@ -305,8 +305,8 @@ def prepare(dataset, data_dir, out_dir, *, min_count=5, max_vocab=None, max_leng
     """
     df = load_dataset(dataset, data_dir, karpathy_split=karpathy_split, on_disk_only=on_disk_only)
     if df.empty:
-        raise ValueError(f"no captions for {dataset} in {data_dir}" + (
-            f": none of the {df.attrs.get('annotated_images', 0):,} annotated images is on disk" if on_disk_only else ""))
+        where = f": none of the {df.attrs.get('annotated_images', 0):,} annotated images is on disk"
+        raise ValueError(f"no captions for {dataset} in {data_dir}" + (where if on_disk_only else ""))
     report = quality_report(df)
     if on_disk_only:
         report["images_on_disk"] = report["images"]

@@ -142,7 +142,8 @@ def test_flickr8k_official_layout_splits_and_ids(tmp_path):
     make_image(tmp_path / "Flicker8k_Dataset" / "100_a.jpg")
     df = data.load_flickr8k(tmp_path)
     assert len(df) == 6 and df["image_id"].unique().tolist() == ["100_a", "200_b", "300_c"]
-    assert df.groupby("image_id")["split"].first().to_dict() == {"100_a": "train", "200_b": "dev", "300_c": "unassigned"}
+    splits = df.groupby("image_id")["split"].first().to_dict()
+    assert splits == {"100_a": "train", "200_b": "dev", "300_c": "unassigned"}
     assert df["caption"][0] == "100_a caption 0 ."
     on_disk = data.load_dataset("flickr8k", tmp_path, on_disk_only=True)
     assert on_disk["image_id"].unique().tolist() == ["100_a"] and on_disk.attrs["dropped_images"] == 2

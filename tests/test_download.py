@@ -306,8 +306,8 @@ def test_module_entry_point_downloads_and_prints_a_summary(server, tmp_path):
     zip_url = serve_coco(server)
     del server.files["/val2017/000000000001.jpg"]
     result = subprocess.run(
-        [sys.executable, "-m", "captioning.download", "--data-dir", str(tmp_path), "--subset-size", "5", "--split", "val",
-         "--annotations-url", zip_url, "--retries", "0"],
+        [sys.executable, "-m", "captioning.download", "--data-dir", str(tmp_path), "--subset-size", "5",
+         "--split", "val", "--annotations-url", zip_url, "--retries", "0"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
     assert result.returncode == 1, result.stderr
