@@ -35,10 +35,10 @@ def quiet_tensorflow():
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        stderr_fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # e.g. a notebook's stderr
-        stderr_fd = 2
+    # Always file descriptor 2, the one the C++ runtime writes to: inside a
+    # Jupyter kernel sys.stderr.fileno() is a copy, and the kernel forwards fd 2
+    # itself into the notebook.
+    stderr_fd = 2
     saved_fd = os.dup(stderr_fd)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
