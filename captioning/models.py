@@ -175,9 +175,17 @@ class StepDecoder:
 
         feature_spec = tf.TensorSpec((None, self.feature_dim), tf.float32)
         state_specs = [tf.TensorSpec((None, self.units), tf.float32)] * self.state_count
-        self._initial = tf.function(self._initial_state_graph, input_signature=[feature_spec])
-        self._step = tf.function(self._step_graph, input_signature=[
-            tf.TensorSpec((None,), tf.int32), state_specs, feature_spec])
+        # Fresh closures rather than bound methods: TensorFlow counts traces per
+        # Python function, and would warn about "retracing" once a notebook has
+        # made a few decoders, although each of them traces only once.
+        def initial(features):
+            return self._initial_state_graph(features)
+
+        def step(words, states, features):
+            return self._step_graph(words, states, features)
+
+        self._initial = tf.function(initial, input_signature=[feature_spec])
+        self._step = tf.function(step, input_signature=[tf.TensorSpec((None,), tf.int32), state_specs, feature_spec])
 
     def _initial_state_graph(self, features):
         layers, batch = self._layers, tf.shape(features)[0]

@@ -1,0 +1,329 @@
+"""Training a captioner: tf.data pipelines, a masked loss, fit() with the callbacks
+people expect, presets, and the whole prepare -> features -> train pipeline (notebook 03).
+
+Full-sequence teacher forcing. Older tutorials expand every caption into one
+sample per prefix ("a" -> "dog", "a dog" -> "runs", ...) and predict one word
+per sample, which re-reads the same prefix up to 20 times. Here one caption is
+one sample: the model reads [<start>, w1, ..., wn] and predicts [w1, ..., wn,
+<end>] at every position in a single pass (benchmarks/teacher_forcing.py
+measures the difference). Captions are padded to one length, so the loss and
+the accuracy average over real words only: a model that predicts <pad> after
+<end> has learned nothing worth rewarding.
+"""
+
+import time
+from pathlib import Path
+
+from captioning import quiet_tensorflow
+
+tf = quiet_tensorflow()
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from captioning.models import build_captioner  # noqa: E402
+
+PAD_ID = 0  # vocab.py puts <pad> at id 0
+
+# What a learner changes first. `cpu-small` trains the Flickr8k sample on a
+# laptop CPU in minutes; it is small and heavily regularised because 753
+# training images are very few. `gpu-full` is for COCO (~118k images).
+PRESETS = {
+    "cpu-small": dict(embed_dim=256, units=256, rnn="lstm", dropout=0.5, merge_mode="add",
+                      batch_size=64, learning_rate=1e-3, epochs=30, patience=4, label_smoothing=0.0,
+                      min_count=5, max_length=20, length_alpha=0.7),
+    "gpu-full": dict(embed_dim=512, units=512, rnn="lstm", dropout=0.5, merge_mode="add",
+                     batch_size=256, learning_rate=5e-4, epochs=30, patience=3, label_smoothing=0.1,
+                     min_count=5, max_length=20, length_alpha=0.7),
+}
+MODEL_KEYS = ("embed_dim", "units", "rnn", "dropout", "merge_mode")
+
+
+def preset_settings(preset="cpu-small", **overrides):
+    """A copy of a preset with some values replaced (None values are ignored)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    settings = dict(PRESETS[preset])
+    unknown = set(overrides) - set(settings)
+    if unknown:
+        raise ValueError(f"unknown training setting(s) {sorted(unknown)}; known: {sorted(settings)}")
+    settings.update({key: value for key, value in overrides.items() if value is not None})
+    return settings
+
+
+# --- the loss and the metric ----------------------------------------------------
+
+@keras.saving.register_keras_serializable(package="captioning")
+class MaskedCaptionLoss(keras.losses.Loss):
+    """Cross-entropy from logits, averaged over the non-padding target words.
+
+    With label_smoothing = e the target distribution is (1 - e) on the true
+    word plus e spread evenly over the vocabulary, which keeps a small-data
+    model from becoming over-confident.
+    """
+
+    def __init__(self, label_smoothing=0.0, pad_id=PAD_ID, name="masked_caption_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+        self.pad_id = int(pad_id)
+
+    def call(self, y_true, y_pred):
+        ops = keras.ops
+        y_true = ops.cast(y_true, "int32")
+        mask = ops.cast(ops.not_equal(y_true, self.pad_id), y_pred.dtype)
+        log_probs = ops.log_softmax(y_pred, axis=-1)
+        true_log_prob = ops.take_along_axis(log_probs, ops.expand_dims(y_true, -1), axis=-1)[..., 0]
+        loss = -true_log_prob
+        if self.label_smoothing:
+            loss = (1.0 - self.label_smoothing) * loss - self.label_smoothing * ops.mean(log_probs, axis=-1)
+        # Keras averages what we return over all (caption, position) cells and
+        # then over the devices of a tf.distribute strategy. Scaling the real
+        # words up by cells / real words turns that average into the mean over
+        # real words only (not over captions, and not over padding).
+        return ops.divide_no_nan(loss * mask, ops.mean(mask))
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing, "pad_id": self.pad_id}
+
+
+@keras.saving.register_keras_serializable(package="captioning")
+class MaskedAccuracy(keras.metrics.Metric):
+    """Share of real (non-padding) target words that the model ranks first."""
+
+    def __init__(self, pad_id=PAD_ID, name="accuracy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.pad_id = int(pad_id)
+        self.correct = self.add_variable(shape=(), initializer="zeros", name="correct")
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        ops = keras.ops
+        y_true = ops.cast(y_true, "int32")
+        mask = ops.cast(ops.not_equal(y_true, self.pad_id), "float32")
+        hits = ops.cast(ops.equal(ops.cast(ops.argmax(y_pred, axis=-1), "int32"), y_true), "float32")
+        self.correct.assign_add(ops.sum(hits * mask))
+        self.total.assign_add(ops.sum(mask))
+
+    def result(self):
+        return self.correct / keras.ops.maximum(self.total, 1.0)
+
+    def reset_state(self):
+        self.correct.assign(0.0)
+        self.total.assign(0.0)
+
+    def get_config(self):
+        return {**super().get_config(), "pad_id": self.pad_id}
+
+
+# --- data -----------------------------------------------------------------------------
+
+def gather_features(store, image_ids):
+    """Load each distinct image's features once: -> (features (M, D), rows (N,)) with
+    features[rows[i]] belonging to image_ids[i] (five captions share one image)."""
+    distinct, rows = np.unique(np.asarray(image_ids, dtype=str), return_inverse=True)
+    return np.asarray(store.get_many(list(distinct)), dtype=np.float32), rows.astype(np.int64)
+
+
+def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed=0):
+    """A tf.data pipeline of ({"image", "words"}, targets) batches (notebook 03).
+
+    `sequences` are encoded captions (N, max_length + 2): [<start>, words, <end>, <pad>...].
+    The model reads sequence[:-1] and must predict sequence[1:]. Features are
+    stored once per image and gathered per batch, so a caption costs an index,
+    not a copy of its image vector.
+    """
+    features = tf.constant(np.asarray(features, dtype=np.float32))
+    sequences = np.asarray(sequences, dtype=np.int32)
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) != len(sequences):
+        raise ValueError(f"{len(rows)} feature rows for {len(sequences)} captions")
+    if len(rows) == 0:
+        raise ValueError("no captions to make a dataset from")
+
+    def to_model_inputs(batch_rows, batch_sequences):
+        inputs = {"image": tf.gather(features, batch_rows), "words": batch_sequences[:, :-1]}
+        return inputs, batch_sequences[:, 1:]
+
+    data = tf.data.Dataset.from_tensor_slices((rows, sequences))
+    if shuffle:
+        data = data.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+    return (data.batch(batch_size)
+            .map(to_model_inputs, num_parallel_calls=tf.data.AUTOTUNE)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+# --- fit ------------------------------------------------------------------------
+
+def compile_captioner(model, *, learning_rate=1e-3, label_smoothing=0.0):
+    """Adam, the masked loss and the masked accuracy, inside the model's tf.distribute scope."""
+    with model.distribute_strategy.scope():
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate, clipnorm=5.0),
+                      loss=MaskedCaptionLoss(label_smoothing), metrics=[MaskedAccuracy()])
+    return model
+
+
+def training_callbacks(run_dir, *, patience=4, monitor="val_loss", tensorboard=False):
+    """Best-model checkpoint, early stopping, CSV log, resumable backup (+ TensorBoard)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = [
+        # Resuming: if this run is killed, running it again continues from the
+        # last finished epoch instead of epoch 1. Keras deletes the backup when
+        # training ends normally.
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
+        keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=monitor, save_best_only=True),
+        keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True),
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+    ]
+    if tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "logs")))
+    return callbacks
+
+
+def fit_captioner(model, train_data, validation_data=None, *, epochs=30, learning_rate=1e-3,
+                  label_smoothing=0.0, patience=4, run_dir=None, tensorboard=False, verbose=2):
+    """Compile and fit a caption model (notebook 03) -> keras History.
+
+    Build the model inside `strategy.scope()` to train on several devices; the
+    datasets are then split across them by Keras. With a run_dir, the usual
+    callbacks are attached (see training_callbacks); early stopping watches the
+    validation loss when there is validation data and restores the best weights.
+    """
+    compile_captioner(model, learning_rate=learning_rate, label_smoothing=label_smoothing)
+    monitor = "val_loss" if validation_data is not None else "loss"
+    callbacks = []
+    if run_dir is not None:
+        callbacks = training_callbacks(run_dir, patience=patience, monitor=monitor, tensorboard=tensorboard)
+    else:
+        callbacks = [keras.callbacks.EarlyStopping(monitor=monitor, patience=patience,
+                                                   restore_best_weights=True)]
+    return model.fit(train_data, validation_data=validation_data, epochs=epochs, callbacks=callbacks,
+                     verbose=verbose)
+
+
+# --- the pipeline behind `python -m captioning train` ----------------------------------
+
+def split_names(dataset, karpathy_split=None):
+    """(training splits, validation splits) for each dataset's official splits."""
+    if dataset == "flickr8k":
+        return ("train",), ("dev",)
+    if dataset == "coco":
+        return (("train", "restval"), ("val",)) if karpathy_split else (("train",), ("val",))
+    raise ValueError(f"dataset must be 'coco' or 'flickr8k', got {dataset!r}")
+
+
+def _prepared_data(dataset, data_dir, prepared_dir, settings, karpathy_split, log):
+    """Reuse the prepared folder when it was made from the same data with the same settings."""
+    from captioning.data import load_prepared, prepare
+    wanted = {"dataset": dataset, "data_dir": str(Path(data_dir).resolve()),
+              "min_count": settings["min_count"], "max_length": settings["max_length"],
+              "karpathy": bool(karpathy_split)}
+    try:
+        prepared = load_prepared(prepared_dir)
+        report, vocab_report = prepared.report, prepared.report.get("vocabulary", {})
+        found = {"dataset": report.get("dataset"), "data_dir": report.get("data_dir"),
+                 "min_count": vocab_report.get("min_count"), "max_length": vocab_report.get("max_length"),
+                 "karpathy": "restval" in set(prepared.captions["split"])}
+        if found == wanted:
+            log(f"reusing prepared data in {prepared_dir}")
+            return prepared
+        log(f"prepared data in {prepared_dir} has other settings ({found}); preparing again")
+    except (FileNotFoundError, ValueError):
+        pass
+    log(f"preparing {dataset} from {data_dir} into {prepared_dir}")
+    return prepare(dataset, data_dir, prepared_dir, min_count=settings["min_count"],
+                   max_length=settings["max_length"], karpathy_split=karpathy_split)
+
+
+def _feature_store(captions, features_dir, encoder, weights, log):
+    """Open the feature cache, (re)filling it first: cache_features skips what is already cached."""
+    from captioning.features import FeatureStore, cache_features
+    images = captions.drop_duplicates("image_id")[["image_id", "image_path"]]
+    try:
+        store = FeatureStore.open(features_dir)
+        if all(image_id in store for image_id in images["image_id"]) and \
+                store.manifest.get("encoder") == encoder and _same_weights(store.manifest, weights):
+            log(f"reusing {len(store)} cached features in {features_dir}")
+            return store
+    except (FileNotFoundError, ValueError):
+        pass
+    log(f"caching {encoder} features of {len(images)} images into {features_dir}")
+    report = cache_features(images, features_dir, encoder=encoder, weights=weights, pooling="avg")
+    if report.skipped:
+        log(f"  {len(report.skipped)} unreadable image(s) skipped, e.g. {report.skipped[0][1]}: "
+            f"{report.skipped[0][2]}")
+    return FeatureStore.open(features_dir)
+
+
+def _same_weights(manifest, weights):
+    recorded = str(manifest.get("weights", ""))
+    return recorded == str(weights) or (weights != "imagenet" and recorded == str(Path(weights).resolve()))
+
+
+def _split_data(captions, splits, store, vocab):
+    part = captions[captions["split"].isin(splits) & captions["image_id"].isin(set(store.ids))]
+    features, rows = gather_features(store, part["image_id"].tolist())
+    return features, rows, vocab.encode_batch(part["clean"].tolist()), part
+
+
+def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs=None, preset="cpu-small",
+                   cache_dir=None, karpathy_split=None, seed=0, strategy=None, log=print, **overrides):
+    """Prepare, cache features, train and save a bundle; what `python -m captioning train` runs.
+
+    Flickr8k trains on the official train split and early-stops on dev; COCO
+    on train2017 / val2017, or Karpathy's train+restval / val with karpathy_split.
+    Prepared data and features are cached under cache_dir (default data/work)
+    and reused by the next run. Returns the bundle folder. Notebook 03.
+    """
+    from captioning.bundle import save_bundle
+    from captioning.fileio import work_paths
+    settings = preset_settings(preset, epochs=epochs, **overrides)
+    paths = work_paths(cache_dir or "data/work", dataset, encoder=encoder, pooling="avg")
+    prepared = _prepared_data(dataset, data_dir, paths["prepared"], settings, karpathy_split, log)
+    store = _feature_store(prepared.captions, paths["features"], encoder, weights, log)
+
+    train_splits, val_splits = split_names(dataset, karpathy_split)
+    train_features, train_rows, train_sequences, _ = _split_data(prepared.captions, train_splits, store,
+                                                                 prepared.vocab)
+    val_features, val_rows, val_sequences, _ = _split_data(prepared.captions, val_splits, store,
+                                                           prepared.vocab)
+    if len(train_rows) == 0:
+        raise ValueError(f"{prepared.out_dir}: no {'/'.join(train_splits)} captions with cached features")
+    log(f"training on {len(train_rows)} captions, validating on {len(val_rows)} "
+        f"({'/'.join(val_splits)}); vocabulary {len(prepared.vocab)} words")
+
+    keras.utils.set_random_seed(seed)
+    batch = settings["batch_size"]
+    train_data = make_dataset(train_features, train_rows, train_sequences, batch_size=batch, seed=seed)
+    val_data = (make_dataset(val_features, val_rows, val_sequences, batch_size=batch, shuffle=False)
+                if len(val_rows) else None)
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        model = build_captioner(arch, vocab_size=len(prepared.vocab), feature_dim=train_features.shape[1],
+                                max_length=prepared.vocab.max_length,
+                                **{key: settings[key] for key in MODEL_KEYS})
+    out_dir = Path(out_dir)
+    run_dir = out_dir / "training"
+    started = time.perf_counter()
+    history = fit_captioner(model, train_data, val_data, epochs=settings["epochs"],
+                            learning_rate=settings["learning_rate"], label_smoothing=settings["label_smoothing"],
+                            patience=settings["patience"], run_dir=run_dir)
+    seconds = time.perf_counter() - started
+
+    metrics = {"epochs_run": len(history.history.get("loss", [])), "training_seconds": round(seconds, 1)}
+    monitor = "val_loss" if val_data is not None else "loss"
+    if history.history.get(monitor):
+        best = int(np.argmin(history.history[monitor]))
+        metrics["best_epoch"] = best + 1
+        metrics.update({name: round(float(values[best]), 4) for name, values in history.history.items()})
+    manifest = store.manifest
+    bundle_settings = {
+        "arch": arch, "dataset": dataset, "encoder": encoder, "weights": str(weights),
+        "weights_id": manifest.get("weights_id"), "pooling": "avg", "feature_dim": int(train_features.shape[1]),
+        "preset": preset, "seed": seed, "training": settings, "metrics": metrics,
+        "train_splits": list(train_splits), "validation_splits": list(val_splits),
+        "decoding": {"length_alpha": settings["length_alpha"]},
+    }
+    save_bundle(out_dir, model, prepared.vocab, bundle_settings)
+    (run_dir / "best.keras").unlink(missing_ok=True)  # the bundle's model.keras holds the same weights
+    log(f"bundle written to {out_dir} ({metrics})")
+    return out_dir

@@ -1,0 +1,242 @@
+"""Training: the masked loss and accuracy, the tf.data pipeline, learning on synthetic
+captions for every architecture, repeatability, resuming, and two-device training."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from captioning import quiet_tensorflow
+
+tf = quiet_tensorflow()
+import keras  # noqa: E402
+
+from captioning.decoding import greedy_decode  # noqa: E402
+from captioning.models import ARCHITECTURES, build_captioner, make_step_decoder  # noqa: E402
+from captioning.training import (  # noqa: E402
+    PRESETS, MaskedAccuracy, MaskedCaptionLoss, fit_captioner, make_dataset, preset_settings)
+from captioning.vocab import Vocabulary  # noqa: E402
+
+# --- synthetic captions: the image features determine the caption ---------------------
+
+TEMPLATES = [
+    "a {} dog runs on the grass",
+    "two {} birds sit in a tree",
+    "a man rides a {} bike",
+    "the {} car is parked near the road",
+]
+COLOURS = ["red", "blue", "green"]
+FEATURE_DIM = 16
+
+
+def synthetic_captions(count, seed):
+    """`count` (features, caption) pairs: the features encode a template (one-hot,
+    first 4 dims) and a colour (next 3), plus noise; the caption follows from both."""
+    rng = np.random.default_rng(seed)
+    template = rng.integers(len(TEMPLATES), size=count)
+    colour = rng.integers(len(COLOURS), size=count)
+    features = rng.normal(scale=0.3, size=(count, FEATURE_DIM)).astype("float32")
+    features[np.arange(count), template] += 2.0
+    features[np.arange(count), len(TEMPLATES) + colour] += 2.0
+    captions = [TEMPLATES[t].format(COLOURS[c]) for t, c in zip(template, colour)]
+    return features, captions
+
+
+def synthetic_vocab():
+    _, captions = synthetic_captions(200, seed=99)
+    return Vocabulary.build(captions, min_count=1, max_length=10)
+
+
+def synthetic_data(vocab, count, seed, batch_size=32, shuffle=True):
+    features, captions = synthetic_captions(count, seed)
+    sequences = vocab.encode_batch(captions)
+    data = make_dataset(features, np.arange(count), sequences, batch_size=batch_size, shuffle=shuffle, seed=seed)
+    return data, features, captions
+
+
+def tiny_model(arch, vocab, **options):
+    return build_captioner(arch, vocab_size=len(vocab), feature_dim=FEATURE_DIM, max_length=vocab.max_length,
+                           embed_dim=16, units=32, dropout=0.1, **options)
+
+
+def exact_match_rate(model, vocab, features, captions):
+    ids = greedy_decode(make_step_decoder(model), features, start_id=vocab.start_id, end_id=vocab.end_id,
+                        max_length=vocab.max_length)
+    return np.mean([vocab.decode(row) == caption for row, caption in zip(ids, captions)])
+
+
+def train_synthetic(arch, epochs=20, seed=0, **options):
+    keras.utils.set_random_seed(seed)
+    vocab = synthetic_vocab()
+    train, _, _ = synthetic_data(vocab, 240, seed=1)
+    model = tiny_model(arch, vocab, **options)
+    history = fit_captioner(model, train, epochs=epochs, learning_rate=1e-2, patience=epochs, verbose=0)
+    return model, vocab, history
+
+
+# --- loss and metric -------------------------------------------------------------------
+
+def test_masked_loss_averages_over_real_words_only():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 4, 5)).astype("float32")
+    targets = np.array([[3, 2, 0, 0], [1, 4, 2, 0]], dtype="int32")
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    real = [(b, t) for b in range(2) for t in range(4) if targets[b, t] != 0]
+    expected = -np.mean([log_probs[b, t, targets[b, t]] for b, t in real])
+    loss = float(MaskedCaptionLoss()(targets, logits))
+    assert loss == pytest.approx(expected, rel=1e-5)
+    # Whatever the model says at padded positions does not change the loss.
+    logits[0, 3] += 100.0
+    assert float(MaskedCaptionLoss()(targets, logits)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_label_smoothing_mixes_in_the_uniform_distribution():
+    logits = np.array([[[2.0, 0.0, -1.0, 0.5]]], dtype="float32")
+    targets = np.array([[1]], dtype="int32")
+    log_probs = logits[0, 0] - np.log(np.exp(logits[0, 0]).sum())
+    expected = 0.9 * -log_probs[1] + 0.1 * -log_probs.mean()
+    assert float(MaskedCaptionLoss(label_smoothing=0.1)(targets, logits)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_masked_accuracy_ignores_padding():
+    targets = np.array([[3, 2, 0], [1, 0, 0]], dtype="int32")
+    logits = np.zeros((2, 3, 5), dtype="float32")
+    logits[0, 0, 3] = logits[0, 1, 4] = logits[1, 0, 1] = 1.0  # 2 of 3 real words right
+    logits[0, 2, 0] = logits[1, 1, 0] = logits[1, 2, 0] = 1.0  # padding "right" - must not count
+    metric = MaskedAccuracy()
+    metric.update_state(targets, logits)
+    assert float(metric.result()) == pytest.approx(2 / 3)
+
+
+# --- data ------------------------------------------------------------------------------
+
+def test_dataset_shifts_captions_and_gathers_each_images_features():
+    vocab = synthetic_vocab()
+    features = np.arange(3 * FEATURE_DIM, dtype="float32").reshape(3, FEATURE_DIM)
+    rows = np.array([2, 0, 2, 1])
+    sequences = vocab.encode_batch(["a red dog runs", "two birds", "a man", "the car"])
+    data = make_dataset(features, rows, sequences, batch_size=3, shuffle=False)
+    batches = list(data.as_numpy_iterator())
+    assert [len(targets) for _, targets in batches] == [3, 1]
+    inputs, targets = batches[0]
+    np.testing.assert_array_equal(inputs["words"], sequences[:3, :-1])
+    np.testing.assert_array_equal(targets, sequences[:3, 1:])
+    np.testing.assert_array_equal(inputs["image"], features[rows[:3]])
+    assert inputs["words"].shape[1] == vocab.max_length + 1
+
+
+def test_shuffling_keeps_each_caption_with_its_image():
+    vocab = synthetic_vocab()
+    features, captions = synthetic_captions(50, seed=3)
+    data = make_dataset(features, np.arange(50), vocab.encode_batch(captions), batch_size=50, seed=3)
+    inputs, targets = next(data.as_numpy_iterator())
+    order = [int(np.argmin(np.abs(features - row).sum(1))) for row in inputs["image"]]
+    assert order != list(range(50))  # shuffled...
+    for position, index in enumerate(order):  # ...but still paired
+        assert vocab.decode(targets[position]) == captions[index]
+
+
+def test_presets_and_overrides():
+    assert set(PRESETS) == {"cpu-small", "gpu-full"}
+    assert preset_settings("cpu-small", epochs=3)["epochs"] == 3
+    assert preset_settings("cpu-small", epochs=None)["epochs"] == PRESETS["cpu-small"]["epochs"]
+    with pytest.raises(ValueError, match="preset"):
+        preset_settings("tpu-huge")
+    with pytest.raises(ValueError, match="unknown training setting"):
+        preset_settings("cpu-small", epoch=3)
+
+
+# --- learning ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_learns_to_caption_held_out_images(arch):
+    model, vocab, history = train_synthetic(arch)
+    assert history.history["accuracy"][-1] > history.history["accuracy"][0]
+    features, captions = synthetic_captions(60, seed=2)  # images the model never saw
+    assert exact_match_rate(model, vocab, features, captions) >= 0.9
+
+
+def test_gru_and_concat_merge_learn_too():
+    model, vocab, _ = train_synthetic("merge", rnn="gru", merge_mode="concat")
+    features, captions = synthetic_captions(60, seed=2)
+    assert exact_match_rate(model, vocab, features, captions) >= 0.9
+
+
+def test_a_seed_makes_training_repeatable():
+    first = train_synthetic("merge", epochs=3, seed=5)[2].history
+    second = train_synthetic("merge", epochs=3, seed=5)[2].history
+    other = train_synthetic("merge", epochs=3, seed=6)[2].history
+    assert first["loss"] == second["loss"]
+    assert first["loss"] != other["loss"]
+
+
+class StopAfter(keras.callbacks.Callback):
+    """Simulates a killed run: raise at the end of an epoch."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    import captioning.training as training
+    vocab = synthetic_vocab()
+    train, _, _ = synthetic_data(vocab, 64, seed=1)
+    val, _, _ = synthetic_data(vocab, 32, seed=2, shuffle=False)
+    run_dir = tmp_path / "run"
+    original = training.training_callbacks
+    monkeypatch.setattr(training, "training_callbacks",
+                        lambda *args, **kwargs: original(*args, **kwargs) + [StopAfter(1)])
+    with pytest.raises(KeyboardInterrupt):
+        fit_captioner(tiny_model("merge", vocab), train, val, epochs=4, run_dir=run_dir, verbose=0)
+    assert (run_dir / "backup").is_dir() and (run_dir / "best.keras").is_file()
+    monkeypatch.setattr(training, "training_callbacks", original)
+    history = fit_captioner(tiny_model("merge", vocab), train, val, epochs=4, run_dir=run_dir, verbose=0)
+    assert len(history.history["loss"]) == 2  # epochs 3 and 4 only
+    with open(run_dir / "history.csv") as handle:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(handle)]
+    assert epochs == [0, 1, 2, 3]
+    assert not (run_dir / "backup").exists()  # removed once the run finished
+
+
+# --- two devices ------------------------------------------------------------------------
+
+DISTRIBUTED_SCRIPT = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.path.insert(0, {tests!r})
+import keras
+import test_training as t
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+keras.utils.set_random_seed(0)
+vocab = t.synthetic_vocab()
+train, _, _ = t.synthetic_data(vocab, 240, seed=1, batch_size=60)
+with strategy.scope():
+    model = t.tiny_model("merge", vocab)
+history = t.fit_captioner(model, train, epochs=20, learning_rate=1e-2, patience=20, verbose=0)
+features, captions = t.synthetic_captions(60, seed=2)
+print(json.dumps({{"replicas": strategy.num_replicas_in_sync,
+                  "variable_devices": sorted({{str(v.device)[-5:] for v in model.trainable_variables[0].value.values}}),
+                  "loss": history.history["loss"], "exact": float(t.exact_match_rate(model, vocab, features, captions))}}))
+"""
+
+
+def test_training_under_mirrored_strategy_on_two_devices():
+    script = DISTRIBUTED_SCRIPT.format(tests=str(Path(__file__).parent))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["replicas"] == 2
+    assert len(report["variable_devices"]) == 2  # each variable mirrored on both devices
+    assert report["loss"][-1] < report["loss"][0] / 5
+    assert report["exact"] >= 0.9
