@@ -23,7 +23,7 @@ from captioning.fileio import work_paths, write_json_atomic
 # Captioning in chunks keeps beam search's working memory (chunk x beam x vocabulary
 # log-probabilities) small on a full 5,000-image COCO split.
 CHUNK = 500
-TRAINING_SPLITS = ("train", "restval")
+TRAINING_SPLITS = ("train", "restval")  # for bundles that do not record their training splits
 
 
 def _split_images(df, dataset, data_dir, split):
@@ -116,7 +116,7 @@ def evaluate_bundle(bundle_dir, dataset, data_dir, split, *, beam_width=3, out_d
         generated += captioner.caption_features(features[first:first + CHUNK], beam_width=beam_width)
     hypotheses = dict(zip(ids, generated))
     references = {image_id: raw_references[image_id] for image_id in ids}
-    training = df.loc[df["split"].isin(TRAINING_SPLITS), "caption"]
+    training = df.loc[df["split"].isin(settings.get("train_splits") or TRAINING_SPLITS), "caption"]
 
     coco, per_image = coco_scores_per_image(references, hypotheses, meteor=meteor)
     metrics = {
