@@ -196,8 +196,9 @@ def fit_captioner(model, train_data, validation_data=None, *, epochs=30, learnin
     else:
         callbacks = [keras.callbacks.EarlyStopping(monitor=monitor, patience=patience,
                                                    restore_best_weights=True)]
+    # shuffle=False: make_dataset already shuffles, once per epoch, with its seed.
     return model.fit(train_data, validation_data=validation_data, epochs=epochs, callbacks=callbacks,
-                     verbose=verbose)
+                     shuffle=False, verbose=verbose)
 
 
 # --- the pipeline behind `python -m captioning train` ----------------------------------
@@ -235,28 +236,17 @@ def _prepared_data(dataset, data_dir, prepared_dir, settings, karpathy_split, lo
 
 
 def _feature_store(captions, features_dir, encoder, weights, log):
-    """Open the feature cache, (re)filling it first: cache_features skips what is already cached."""
+    """The feature cache of every image in the table. cache_features returns at once when
+    the cache already holds exactly these images with this encoder, and resumes a
+    half-finished one."""
     from captioning.features import FeatureStore, cache_features
     images = captions.drop_duplicates("image_id")[["image_id", "image_path"]]
-    try:
-        store = FeatureStore.open(features_dir)
-        if all(image_id in store for image_id in images["image_id"]) and \
-                store.manifest.get("encoder") == encoder and _same_weights(store.manifest, weights):
-            log(f"reusing {len(store)} cached features in {features_dir}")
-            return store
-    except (FileNotFoundError, ValueError):
-        pass
-    log(f"caching {encoder} features of {len(images)} images into {features_dir}")
+    log(f"feature cache: {features_dir} ({len(images)} images, {encoder})")
     report = cache_features(images, features_dir, encoder=encoder, weights=weights, pooling="avg")
     if report.skipped:
         log(f"  {len(report.skipped)} unreadable image(s) skipped, e.g. {report.skipped[0][1]}: "
             f"{report.skipped[0][2]}")
     return FeatureStore.open(features_dir)
-
-
-def _same_weights(manifest, weights):
-    recorded = str(manifest.get("weights", ""))
-    return recorded == str(weights) or (weights != "imagenet" and recorded == str(Path(weights).resolve()))
 
 
 def _split_data(captions, splits, store, vocab):
@@ -317,7 +307,7 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
         metrics.update({name: round(float(values[best]), 4) for name, values in history.history.items()})
     manifest = store.manifest
     bundle_settings = {
-        "arch": arch, "dataset": dataset, "encoder": encoder, "weights": str(weights),
+        "arch": arch, "dataset": dataset, "encoder": encoder, "weights": manifest.get("weights", str(weights)),
         "weights_id": manifest.get("weights_id"), "pooling": "avg", "feature_dim": int(train_features.shape[1]),
         "preset": preset, "seed": seed, "training": settings, "metrics": metrics,
         "train_splits": list(train_splits), "validation_splits": list(val_splits),

@@ -1,0 +1,124 @@
+"""Saved bundles: identical outputs after reloading, refused mismatches, no code
+execution on load, and the `train` CLI end to end on the Flickr8k sample."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from captioning import quiet_tensorflow
+
+tf = quiet_tensorflow()
+import keras  # noqa: E402
+
+from captioning.bundle import Captioner, save_bundle  # noqa: E402
+from captioning.vocab import Vocabulary  # noqa: E402
+from test_training import FEATURE_DIM, synthetic_captions, synthetic_vocab, train_synthetic  # noqa: E402
+
+SETTINGS = {"arch": "merge", "dataset": "synthetic", "encoder": "mobilenet_v2", "weights": "imagenet",
+            "weights_id": "imagenet", "pooling": "avg"}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model, vocab, _ = train_synthetic("merge", epochs=20)
+    return model, vocab
+
+
+@pytest.fixture
+def bundle_dir(trained, tmp_path):
+    model, vocab = trained
+    return save_bundle(tmp_path / "bundle", model, vocab, SETTINGS)
+
+
+def test_bundle_files_and_settings(bundle_dir, trained):
+    assert sorted(path.name for path in bundle_dir.iterdir()) == ["bundle.json", "model.keras", "vocabulary.json"]
+    settings = json.loads((bundle_dir / "bundle.json").read_text())
+    vocab = trained[1]
+    assert settings["vocab_size"] == len(vocab) and settings["vocab_fingerprint"] == vocab.fingerprint
+    assert settings["feature_dim"] == FEATURE_DIM and settings["max_length"] == vocab.max_length
+    assert settings["arch"] == "merge" and settings["weights_id"] == "imagenet"
+    # No pickle anywhere: the model file is a zip of JSON config + HDF5 weights.
+    names = zipfile.ZipFile(bundle_dir / "model.keras").namelist()
+    assert not [name for name in names if name.endswith((".pkl", ".pickle", ".npy"))]
+    assert "config.json" in names
+
+
+def test_reloading_gives_identical_outputs(bundle_dir, trained):
+    model, vocab = trained
+    captioner = Captioner.load(bundle_dir)
+    assert captioner.vocab == vocab and captioner.settings["encoder"] == "mobilenet_v2"
+    features, captions = synthetic_captions(12, seed=7)
+    words = vocab.encode_batch(captions)[:, :-1]
+    before = model({"image": features, "words": words}, training=False).numpy()
+    after = captioner.model({"image": features, "words": words}, training=False).numpy()
+    np.testing.assert_array_equal(before, after)
+    # ...and it captions: greedy and beam search both reproduce the synthetic captions.
+    assert np.mean([a == b for a, b in zip(captioner.caption_features(features, beam_width=1), captions)]) >= 0.9
+    assert np.mean([a == b for a, b in zip(captioner.caption_features(features, beam_width=3), captions)]) >= 0.9
+
+
+def test_a_vocabulary_of_another_size_is_refused(bundle_dir):
+    _, captions = synthetic_captions(50, seed=1)
+    Vocabulary.build(captions + ["an extra zebra"], min_count=1, max_length=10).save(bundle_dir / "vocabulary.json")
+    with pytest.raises(ValueError, match="does not belong to this model.*vocab_size"):
+        Captioner.load(bundle_dir)
+
+
+def test_a_reordered_vocabulary_of_the_same_size_is_refused(bundle_dir, trained):
+    vocab = trained[1]
+    words = vocab.words[:4] + list(reversed(vocab.words[4:]))  # same words, other ids: silent nonsense
+    Vocabulary(words, max_length=vocab.max_length).save(bundle_dir / "vocabulary.json")
+    with pytest.raises(ValueError, match="vocabulary.json does not belong to this model"):
+        Captioner.load(bundle_dir)
+
+
+def test_missing_or_broken_files_are_clear_errors(bundle_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="bundle folder not found"):
+        Captioner.load(tmp_path / "nowhere")
+    (bundle_dir / "model.keras").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="model.keras"):
+        Captioner.load(bundle_dir)
+    (bundle_dir / "bundle.json").unlink()
+    with pytest.raises(FileNotFoundError, match="bundle.json"):
+        Captioner.load(bundle_dir)
+
+
+def test_a_model_with_python_code_is_not_run(bundle_dir):
+    # A shared model.keras could carry a Lambda layer with arbitrary code; safe mode refuses it.
+    inputs = keras.Input((FEATURE_DIM,), name="image")
+    evil = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2, name="evil")(inputs), name="merge_captioner")
+    evil.save(bundle_dir / "model.keras")
+    with pytest.raises(ValueError, match="model.keras: cannot load.*safe_mode"):
+        Captioner.load(bundle_dir)
+
+
+def test_save_bundle_refuses_a_vocabulary_that_does_not_fit(trained, tmp_path):
+    model, _ = trained
+    small = Vocabulary.build(["a dog"], min_count=1, max_length=10)
+    with pytest.raises(ValueError, match="vocabulary has"):
+        save_bundle(tmp_path / "bad", model, small, SETTINGS)
+    assert not (tmp_path / "bad" / "bundle.json").exists()
+
+
+def test_synthetic_vocabulary_is_the_one_trained_on(trained):
+    assert trained[1] == synthetic_vocab()
+
+
+# --- the real thing: `python -m captioning train` on the Flickr8k sample ----------------
+
+def test_train_cli_writes_a_bundle_that_captions_images(flickr8k_bundle, flickr8k_dir):
+    assert {"model.keras", "vocabulary.json", "bundle.json"} <= {path.name for path in flickr8k_bundle.iterdir()}
+    captioner = Captioner.load(flickr8k_bundle)
+    settings = captioner.settings
+    assert settings["dataset"] == "flickr8k" and settings["encoder"] == "mobilenet_v2"
+    assert settings["arch"] == "merge" and settings["feature_dim"] == 1280
+    assert settings["train_splits"] == ["train"] and settings["validation_splits"] == ["dev"]
+    assert settings["metrics"]["epochs_run"] == 3 and settings["weights_id"].startswith("mobilenet_v2")
+    history = (flickr8k_bundle / "training" / "history.csv").read_text().splitlines()
+    assert len(history) == 4 and "val_loss" in history[0]
+    images = sorted((flickr8k_dir / "images").glob("*.jpg"))[:2]
+    captions, errors = captioner.caption_images(images + [flickr8k_dir / "missing.jpg"], beam_width=2)
+    assert len(captions) == 3 and captions[2] is None and len(errors) == 1
+    assert all(isinstance(caption, str) and caption for caption in captions[:2])
