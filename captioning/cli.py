@@ -57,11 +57,13 @@ def build_parser():
     train.add_argument("--arch", choices=ARCHITECTURES, default="merge")
     train.add_argument("--out", required=True, help="bundle folder to write")
     train.add_argument("--epochs", type=int, default=None, help="default: the preset's")
-    train.add_argument("--preset", default="cpu-small", help="cpu-small or gpu-full")
+    train.add_argument("--preset", choices=("cpu-small", "gpu-full"), default="cpu-small")
     train.add_argument("--cache-dir", default=None,
                        help="where prepared data and features are cached (default: data/work)")
     train.add_argument("--karpathy-split", default=None, help="COCO only: path of Karpathy's dataset_coco.json")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--distribute", choices=("none", "mirrored", "multi-worker"), default="none",
+                       help="tf.distribute strategy: all local GPUs, or several machines (TF_CONFIG)")
     train.set_defaults(handler=cmd_train)
 
     caption = commands.add_parser("caption", help="caption image files with a trained bundle")
@@ -144,7 +146,23 @@ def cmd_features(args):
 
 
 def cmd_train(args):
-    raise NotImplementedError("train")
+    from captioning.training import train_pipeline
+
+    strategy = None
+    if args.distribute != "none":
+        from captioning import quiet_tensorflow
+        tf = quiet_tensorflow()
+        # mirrored: every GPU of this machine; multi-worker: several machines, each
+        # told its role by the TF_CONFIG environment variable.
+        strategy = (tf.distribute.MirroredStrategy() if args.distribute == "mirrored"
+                    else tf.distribute.MultiWorkerMirroredStrategy())
+    bundle = train_pipeline(
+        args.dataset, args.data_dir, encoder=args.encoder, weights=args.weights, arch=args.arch,
+        out_dir=args.out, epochs=args.epochs, preset=args.preset, cache_dir=args.cache_dir,
+        karpathy_split=args.karpathy_split, seed=args.seed, strategy=strategy,
+    )
+    print(f"bundle: {bundle}")
+    return 0
 
 
 def cmd_caption(args):
