@@ -112,13 +112,18 @@ def test_encode_images_on_real_photos_reports_bad_files(mobilenet, photos, tmp_p
 
 
 def test_pipeline_matches_a_plain_keras_forward_pass(mobilenet, mobilenet_weights, photos):
-    """Our tf.data resize + preprocess feeds the network what Keras's own recipe would."""
+    """Our tf.data decode + resize + preprocess feeds the network what the plain recipe does
+    (Pillow decoding, bilinear resize as in TF-slim's ImageNet training, Keras's preprocess_input),
+    and clearly not what a forgotten preprocess_input would."""
     import keras
+    import tensorflow as tf
     reference = keras.applications.MobileNetV2(include_top=False, weights=str(mobilenet_weights),
                                                pooling="avg", input_shape=(224, 224, 3))
-    pixels = np.stack([np.asarray(Image.open(path).convert("RGB").resize((224, 224), Image.BILINEAR),
-                                  dtype=np.float32) for path in photos[:3]])
-    expected = reference.predict(keras.applications.mobilenet_v2.preprocess_input(pixels), verbose=0)
+    pixels = np.stack([tf.image.resize(np.asarray(Image.open(path).convert("RGB")), (224, 224)).numpy()
+                       for path in photos[:3]])
+    expected = reference.predict(keras.applications.mobilenet_v2.preprocess_input(pixels.copy()), verbose=0)
+    unpreprocessed = reference.predict(pixels, verbose=0)
     features, _, _ = encoders.encode_images(mobilenet, photos[:3], batch_size=3)
-    for ours, theirs in zip(features, expected):
-        assert cosine(ours, theirs) > 0.97
+    for ours, theirs, wrong in zip(features, expected, unpreprocessed):
+        assert cosine(ours, theirs) > 0.99
+        assert cosine(ours, wrong) < cosine(ours, theirs) - 0.05
