@@ -70,11 +70,13 @@ class MaskedCaptionLoss(keras.losses.Loss):
         ops = keras.ops
         y_true = ops.cast(y_true, "int32")
         mask = ops.cast(ops.not_equal(y_true, self.pad_id), y_pred.dtype)
-        log_probs = ops.log_softmax(y_pred, axis=-1)
-        true_log_prob = ops.take_along_axis(log_probs, ops.expand_dims(y_true, -1), axis=-1)[..., 0]
-        loss = -true_log_prob
+        # The fused softmax + cross-entropy kernel: never materialises the
+        # (batch, length, vocabulary) log-probabilities.
+        loss = ops.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
         if self.label_smoothing:
-            loss = (1.0 - self.label_smoothing) * loss - self.label_smoothing * ops.mean(log_probs, axis=-1)
+            # -mean_k log p_k = logsumexp(logits) - mean(logits): the uniform part of the target.
+            uniform = ops.logsumexp(y_pred, axis=-1) - ops.mean(y_pred, axis=-1)
+            loss = (1.0 - self.label_smoothing) * loss + self.label_smoothing * uniform
         # Keras averages what we return over all (caption, position) cells and
         # then over the devices of a tf.distribute strategy. Scaling the real
         # words up by cells / real words turns that average into the mean over
