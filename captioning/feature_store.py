@@ -28,6 +28,8 @@ SETTINGS = ("encoder", "weights_id", "image_size", "pooling", "dtype", "feature_
 
 @dataclass
 class CacheReport:
+    """What cache_features (or merge_shards) did; `summary()` is what the `features` command prints."""
+
     out_dir: Path
     cached: int  # images with features in the store (or in this shard)
     skipped: list = field(default_factory=list)  # (image_id, path, reason)
@@ -107,6 +109,7 @@ class FeatureStore:
 
 
 def check_settings(found, wanted, where):
+    """Refuse features made by another encoder, other weights, size, pooling or dtype."""
     different = [f"{key}: cached {found.get(key)!r}, asked {wanted[key]!r}"
                  for key in SETTINGS if key in wanted and found.get(key) != wanted[key]]
     if different:
