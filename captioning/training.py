@@ -174,7 +174,8 @@ def training_callbacks(run_dir, *, patience=4, monitor="val_loss", tensorboard=F
         keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
         keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=monitor, save_best_only=True),
         keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        # Append only when resuming, so that a new run starts a new log.
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=(run_dir / "backup").exists()),
     ]
     if tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "logs")))
@@ -251,10 +252,36 @@ def _feature_store(captions, features_dir, encoder, weights, log):
     return FeatureStore.open(features_dir)
 
 
-def _split_data(captions, splits, store, vocab):
+def caption_arrays(captions, splits, store, vocab):
+    """(features, rows, sequences) for make_dataset: the captions of `splits` whose
+    image is in the feature store, encoded with `vocab` (notebook 03)."""
     part = captions[captions["split"].isin(splits) & captions["image_id"].isin(set(store.ids))]
     features, rows = gather_features(store, part["image_id"].tolist())
-    return features, rows, vocab.encode_batch(part["clean"].tolist()), part
+    return features, rows, vocab.encode_batch(part["clean"].tolist())
+
+
+def history_metrics(history, seconds=None):
+    """The numbers bundle.json keeps: epochs run, the best epoch and its metrics."""
+    logs = history.history
+    metrics = {"epochs_run": len(logs.get("loss", []))}
+    if seconds is not None:
+        metrics["training_seconds"] = round(seconds, 1)
+    monitor = "val_loss" if logs.get("val_loss") else "loss"
+    if logs.get(monitor):
+        best = int(np.argmin(logs[monitor]))
+        metrics["best_epoch"] = best + 1
+        metrics.update({name: round(float(values[best]), 4) for name, values in logs.items()})
+    return metrics
+
+
+def bundle_settings(arch, dataset, store, settings, metrics, **extra):
+    """bundle.json's fields: the encoder's identity comes from the feature cache's manifest,
+    so that `caption` encodes new photos exactly as the training images were."""
+    manifest = store.manifest
+    return {"arch": arch, "dataset": dataset, "encoder": manifest["encoder"], "weights": manifest["weights"],
+            "weights_id": manifest["weights_id"], "pooling": manifest.get("pooling", "avg"),
+            "training": settings, "metrics": metrics, "decoding": {"length_alpha": settings["length_alpha"]},
+            **extra}
 
 
 def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs=None, preset="cpu-small",
@@ -274,23 +301,19 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
     store = _feature_store(prepared.captions, paths["features"], encoder, weights, log)
 
     train_splits, val_splits = split_names(dataset, karpathy_split)
-    train_features, train_rows, train_sequences, _ = _split_data(prepared.captions, train_splits, store,
-                                                                 prepared.vocab)
-    val_features, val_rows, val_sequences, _ = _split_data(prepared.captions, val_splits, store,
-                                                           prepared.vocab)
-    if len(train_rows) == 0:
+    train_arrays = caption_arrays(prepared.captions, train_splits, store, prepared.vocab)
+    val_arrays = caption_arrays(prepared.captions, val_splits, store, prepared.vocab)
+    if len(train_arrays[1]) == 0:
         raise ValueError(f"{prepared.out_dir}: no {'/'.join(train_splits)} captions with cached features")
-    log(f"training on {len(train_rows)} captions, validating on {len(val_rows)} "
+    log(f"training on {len(train_arrays[1])} captions, validating on {len(val_arrays[1])} "
         f"({'/'.join(val_splits)}); vocabulary {len(prepared.vocab)} words")
 
     keras.utils.set_random_seed(seed)
     batch = settings["batch_size"]
-    train_data = make_dataset(train_features, train_rows, train_sequences, batch_size=batch, seed=seed)
-    val_data = (make_dataset(val_features, val_rows, val_sequences, batch_size=batch, shuffle=False)
-                if len(val_rows) else None)
-    strategy = strategy or tf.distribute.get_strategy()
-    with strategy.scope():
-        model = build_captioner(arch, vocab_size=len(prepared.vocab), feature_dim=train_features.shape[1],
+    train_data = make_dataset(*train_arrays, batch_size=batch, seed=seed)
+    val_data = make_dataset(*val_arrays, batch_size=batch, shuffle=False) if len(val_arrays[1]) else None
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = build_captioner(arch, vocab_size=len(prepared.vocab), feature_dim=train_arrays[0].shape[1],
                                 max_length=prepared.vocab.max_length,
                                 **{key: settings[key] for key in MODEL_KEYS})
     out_dir = Path(out_dir)
@@ -299,23 +322,10 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
     history = fit_captioner(model, train_data, val_data, epochs=settings["epochs"],
                             learning_rate=settings["learning_rate"], label_smoothing=settings["label_smoothing"],
                             patience=settings["patience"], run_dir=run_dir)
-    seconds = time.perf_counter() - started
-
-    metrics = {"epochs_run": len(history.history.get("loss", [])), "training_seconds": round(seconds, 1)}
-    monitor = "val_loss" if val_data is not None else "loss"
-    if history.history.get(monitor):
-        best = int(np.argmin(history.history[monitor]))
-        metrics["best_epoch"] = best + 1
-        metrics.update({name: round(float(values[best]), 4) for name, values in history.history.items()})
-    manifest = store.manifest
-    bundle_settings = {
-        "arch": arch, "dataset": dataset, "encoder": encoder, "weights": manifest.get("weights", str(weights)),
-        "weights_id": manifest.get("weights_id"), "pooling": "avg", "feature_dim": int(train_features.shape[1]),
-        "preset": preset, "seed": seed, "training": settings, "metrics": metrics,
-        "train_splits": list(train_splits), "validation_splits": list(val_splits),
-        "decoding": {"length_alpha": settings["length_alpha"]},
-    }
-    save_bundle(out_dir, model, prepared.vocab, bundle_settings)
+    metrics = history_metrics(history, time.perf_counter() - started)
+    save_bundle(out_dir, model, prepared.vocab, bundle_settings(
+        arch, dataset, store, settings, metrics, preset=preset, seed=seed,
+        train_splits=list(train_splits), validation_splits=list(val_splits)))
     (run_dir / "best.keras").unlink(missing_ok=True)  # the bundle's model.keras holds the same weights
     log(f"bundle written to {out_dir} ({metrics})")
     return out_dir
