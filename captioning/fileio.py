@@ -13,6 +13,9 @@ import os
 import tempfile
 from pathlib import Path
 
+_UMASK = os.umask(0)  # read the process umask once (setting it is the only way to read it)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -24,6 +27,9 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
+    # mkstemp makes the file private (0600); give it the permissions an ordinary
+    # open() would, so caches and bundles can be shared with classmates.
+    os.chmod(temp_name, 0o666 & ~_UMASK)
     try:
         yield Path(temp_name)
         os.replace(temp_name, path)
