@@ -120,16 +120,22 @@ class Captioner:
         return cls(model, vocab, settings, bundle_dir)
 
     def caption_ids(self, features, beam_width=3, **decode_options):
-        """Word ids (no specials) of the best caption for each feature row."""
+        """Word ids (no specials) of the best caption for each feature row.
+
+        Options default to bundle.json's "decoding" field. allow_unknown=False
+        (the default) never lets a caption contain <unk>: it is a placeholder
+        for rare words, not something to show a reader.
+        """
         from captioning.decoding import beam_search, greedy_decode
         features = np.asarray(features, dtype=np.float32)
         if features.ndim != 2 or features.shape[1] != self.settings["feature_dim"]:
             raise ValueError(f"features must have shape (N, {self.settings['feature_dim']}), got {features.shape}")
+        options = {**self.settings.get("decoding", {}), **decode_options}
+        decoder = self.decoder if options.pop("allow_unknown", False) else _Banned(self.decoder, self.vocab.unk_id)
         common = dict(start_id=self.vocab.start_id, end_id=self.vocab.end_id, max_length=self.vocab.max_length)
         if beam_width <= 1:
-            return greedy_decode(self.decoder, features, **common)
-        options = {**self.settings.get("decoding", {}), **decode_options}
-        results = beam_search(self.decoder, features, beam_width=beam_width, **common, **options)
+            return greedy_decode(decoder, features, **common)
+        results = beam_search(decoder, features, beam_width=beam_width, **common, **options)
         return [hypotheses[0].ids for hypotheses in results]
 
     def caption_features(self, features, beam_width=3, **decode_options):
@@ -158,3 +164,19 @@ class Captioner:
             for index, caption in zip(ok_indices, self.caption_features(features, beam_width)):
                 captions[int(index)] = caption
         return captions, errors
+
+
+class _Banned:
+    """A StepDecoder whose log-probability for one word id is always -inf."""
+
+    def __init__(self, decoder, word_id):
+        self.decoder, self.word_id, self.vocab_size = decoder, int(word_id), decoder.vocab_size
+
+    def initial_state(self, features):
+        return self.decoder.initial_state(features)
+
+    def step(self, words, states, features):
+        log_probs, states = self.decoder.step(words, states, features)
+        log_probs = np.array(log_probs)  # a writable copy
+        log_probs[:, self.word_id] = -np.inf
+        return log_probs, states

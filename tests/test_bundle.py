@@ -122,3 +122,30 @@ def test_train_cli_writes_a_bundle_that_captions_images(flickr8k_bundle, flickr8
     captions, errors = captioner.caption_images(images + [flickr8k_dir / "missing.jpg"], beam_width=2)
     assert len(captions) == 3 and captions[2] is None and len(errors) == 1
     assert all(isinstance(caption, str) and caption for caption in captions[:2])
+
+
+class PrefersUnknown:
+    """A stand-in decoder: first word <unk> (else 'dog'), then <end>."""
+
+    def __init__(self, vocab):
+        self.vocab, self.vocab_size = vocab, len(vocab)
+
+    def initial_state(self, features):
+        return [np.zeros((len(features), 1), dtype="float32")]
+
+    def step(self, words, states, features):
+        log_probs = np.full((len(words), self.vocab_size), -20.0, dtype="float32")
+        first = states[0][:, 0] == 0
+        log_probs[first, self.vocab.unk_id] = -0.1
+        log_probs[first, self.vocab.words.index("dog")] = -2.5
+        log_probs[~first, self.vocab.end_id] = 0.0
+        return log_probs, [states[0] + 1]
+
+
+@pytest.mark.parametrize("beam_width", [1, 3])
+def test_captions_never_contain_unk_unless_asked(bundle_dir, beam_width):
+    captioner = Captioner.load(bundle_dir)
+    captioner.decoder = PrefersUnknown(captioner.vocab)
+    features = np.zeros((2, FEATURE_DIM), dtype="float32")
+    assert captioner.caption_features(features, beam_width=beam_width) == ["dog", "dog"]
+    assert captioner.caption_features(features, beam_width=beam_width, allow_unknown=True) == ["<unk>", "<unk>"]
