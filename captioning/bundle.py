@@ -119,27 +119,47 @@ class Captioner:
                              f"feature_dim says {settings['feature_dim']}")
         return cls(model, vocab, settings, bundle_dir)
 
-    def caption_ids(self, features, beam_width=3, **decode_options):
+    def model_features(self, features):
+        """Features shaped as the model's image input: (N, feature_dim) vectors, or for
+        attention grids (N, H, W, C), also accepted flattened as (N, H * W, C)."""
+        features = np.asarray(features, dtype=np.float32)
+        shape = tuple(int(size) for size in self.model.get_layer("image").batch_shape[1:])
+        if features.ndim < 2 or features.shape[-1] != shape[-1] or \
+                np.prod(features.shape[1:-1]) != np.prod(shape[:-1]) or (len(shape) == 1 and features.ndim != 2):
+            raise ValueError(f"features must have shape (N, {', '.join(map(str, shape))}) for this "
+                             f"{self.settings['arch']} model, got {features.shape}")
+        return features.reshape((len(features), *shape))
+
+    def caption_ids(self, features, beam_width=3, return_attention=False, **decode_options):
         """Word ids (no specials) of the best caption for each feature row.
 
         Options default to bundle.json's "decoding" field. allow_unknown=False
         (the default) never lets a caption contain <unk>: it is a placeholder
-        for rare words, not something to show a reader.
+        for rare words, not something to show a reader. return_attention=True
+        (attention models) returns (ids, [(len(ids), L) weights per image]).
         """
         from captioning.decoding import beam_search, greedy_decode
-        features = np.asarray(features, dtype=np.float32)
-        if features.ndim != 2 or features.shape[1] != self.settings["feature_dim"]:
-            raise ValueError(f"features must have shape (N, {self.settings['feature_dim']}), got {features.shape}")
+        features = self.model_features(features)
         options = {**self.settings.get("decoding", {}), **decode_options}
         decoder = self.decoder if options.pop("allow_unknown", False) else _Banned(self.decoder, self.vocab.unk_id)
-        common = dict(start_id=self.vocab.start_id, end_id=self.vocab.end_id, max_length=self.vocab.max_length)
+        common = dict(start_id=self.vocab.start_id, end_id=self.vocab.end_id, max_length=self.vocab.max_length,
+                      return_attention=return_attention)
         if beam_width <= 1:
             return greedy_decode(decoder, features, **common)
         results = beam_search(decoder, features, beam_width=beam_width, **common, **options)
-        return [hypotheses[0].ids for hypotheses in results]
+        ids = [hypotheses[0].ids for hypotheses in results]
+        return (ids, [hypotheses[0].attention for hypotheses in results]) if return_attention else ids
+
+    def attend(self, features, beam_width=3, **decode_options):
+        """For attention models: per image, (the caption's words, their attention maps
+        (words, H, W)), one map per word, to lay over the photo (notebook 06)."""
+        ids, weights = self.caption_ids(features, beam_width, return_attention=True, **decode_options)
+        grid = tuple(self.model.get_layer("image").batch_shape[1:-1]) or (1,)
+        return [([self.vocab.words[i] for i in row], maps.reshape((len(row), *grid)))
+                for row, maps in zip(ids, weights)]
 
     def caption_features(self, features, beam_width=3, **decode_options):
-        """Captions (str) for image feature vectors (N, feature_dim); beam_width=1 is greedy."""
+        """Captions (str) for image features (N, feature_dim), or grids for attention; beam_width=1 is greedy."""
         return [self.vocab.decode(ids) for ids in self.caption_ids(features, beam_width, **decode_options)]
 
     def caption_images(self, paths, beam_width=3, batch_size=32, weights=None):
@@ -171,6 +191,10 @@ class _Banned:
 
     def __init__(self, decoder, word_id):
         self.decoder, self.word_id, self.vocab_size = decoder, int(word_id), decoder.vocab_size
+
+    @property
+    def last_attention(self):
+        return getattr(self.decoder, "last_attention", None)
 
     def initial_state(self, features):
         return self.decoder.initial_state(features)

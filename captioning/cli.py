@@ -11,7 +11,7 @@ import sys
 
 DATASETS = ("coco", "flickr8k")
 ENCODERS = ("inception_v3", "mobilenet_v2")
-ARCHITECTURES = ("merge", "init-inject", "pre-inject", "par-inject")
+ARCHITECTURES = ("merge", "init-inject", "pre-inject", "par-inject", "attention")
 
 
 def _add_dataset_arguments(parser):
@@ -54,7 +54,8 @@ def build_parser():
     train = commands.add_parser("train", help="prepare, cache features and train a captioner")
     _add_dataset_arguments(train)
     _add_encoder_arguments(train)
-    train.add_argument("--arch", choices=ARCHITECTURES, default="merge")
+    train.add_argument("--arch", choices=ARCHITECTURES, default="merge",
+                       help="attention trains on the CNN's spatial grid (cached with pooling 'none')")
     train.add_argument("--out", required=True, help="bundle folder to write")
     train.add_argument("--epochs", type=int, default=None, help="default: the preset's")
     train.add_argument("--preset", choices=("cpu-small", "gpu-full"), default="cpu-small")

@@ -24,6 +24,11 @@ Lengths. `max_length` is the longest caption in words. A hypothesis is
 finished when it emits <end> or when it has `max_length` words (it is then
 kept as it is, without <end>). Its length, for length normalisation, is the
 number of tokens the model chose: its words, plus one for <end> if it has it.
+
+Attention. A decoder that also exposes `last_attention` (the weights over the
+image grid, (rows, L), that its last `step` used: attention.py) lets greedy and
+beam search return, with `return_attention=True`, one row of weights per word
+of the chosen caption (notebook 06). The protocol is otherwise unchanged.
 """
 
 from dataclasses import dataclass
@@ -52,6 +57,7 @@ class Hypothesis:
     ids: list
     log_prob: float
     score: float
+    attention: object = None  # (len(ids), L) weights over the grid, with return_attention=True
 
 
 def length_normalised(log_prob, length, alpha):
@@ -80,6 +86,15 @@ def _step(decoder, words, states, features, banned):
     return log_probs, [np.asarray(state) for state in states]
 
 
+def _attention(decoder, rows):
+    """The weights over the grid (rows, L) of the decoder's last step."""
+    weights = getattr(decoder, "last_attention", None)
+    if weights is None:
+        raise ValueError("return_attention=True needs a decoder with attention weights (`last_attention`): "
+                         "only the attention architecture has them")
+    return np.asarray(weights, dtype=np.float32).reshape(rows, -1)
+
+
 def _banned(start_id, end_id, pad_id, banned_ids):
     banned = {int(start_id), int(pad_id), *map(int, banned_ids)}
     if end_id in banned:
@@ -89,16 +104,20 @@ def _banned(start_id, end_id, pad_id, banned_ids):
 
 # --- greedy ----------------------------------------------------------------------
 
-def greedy_decode(decoder, features, *, start_id, end_id, max_length, pad_id=DEFAULT_PAD_ID, banned_ids=()):
+def greedy_decode(decoder, features, *, start_id, end_id, max_length, pad_id=DEFAULT_PAD_ID, banned_ids=(),
+                  return_attention=False):
     """Caption each image with the most likely word at every step (notebook 04).
 
     Fast and deterministic, but short-sighted: a likely first word can lead
-    to an unlikely caption. Returns one list of word ids per image.
+    to an unlikely caption. Returns one list of word ids per image; with
+    return_attention=True, (those lists, one (len(ids), L) array of attention
+    weights per image) (notebook 06).
     """
     features = _check(features, start_id, end_id, max_length)
     count = len(features)
     if count == 0:
-        return []
+        return ([], []) if return_attention else []
+    attention = [[] for _ in range(count)]
     states = [np.asarray(state) for state in decoder.initial_state(features)]
     words = np.full(count, start_id, dtype=np.int32)
     finished = np.zeros(count, dtype=bool)
@@ -106,14 +125,20 @@ def greedy_decode(decoder, features, *, start_id, end_id, max_length, pad_id=DEF
     banned = _banned(start_id, end_id, pad_id, banned_ids)
     for _ in range(int(max_length)):
         log_probs, states = _step(decoder, words, states, features, banned)
+        weights = _attention(decoder, count) if return_attention else None
         words = log_probs.argmax(axis=1).astype(np.int32)
         # Finished rows still ride along in the batch (a fixed batch shape
         # keeps the compiled model from retracing) but their words are ignored.
         finished |= words == end_id
         for row in np.flatnonzero(~finished):
             captions[row].append(int(words[row]))
+            if return_attention:
+                attention[row].append(weights[row])
         if finished.all():
             break
+    if return_attention:
+        locations = weights.shape[1]
+        return captions, [np.asarray(rows, dtype=np.float32).reshape(-1, locations) for rows in attention]
     return captions
 
 
@@ -169,7 +194,8 @@ def _top_candidates(total, how_many):
 
 
 def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3,
-                length_alpha=DEFAULT_LENGTH_ALPHA, n_best=1, pad_id=DEFAULT_PAD_ID, banned_ids=()):
+                length_alpha=DEFAULT_LENGTH_ALPHA, n_best=1, pad_id=DEFAULT_PAD_ID, banned_ids=(),
+                return_attention=False):
     """Caption each image with beam search; return its `n_best` hypotheses, best first (notebook 04).
 
     At every step each of the k live partial captions ("beams") is extended
@@ -189,6 +215,8 @@ def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3
     alpha (tests/test_decoding.py checks exactly that).
 
     Returns, per image, a list of `Hypothesis` sorted by score, best first.
+    With return_attention=True each also has `.attention`, one row of grid
+    weights per word, carried along each beam's ancestry (notebook 06).
     """
     features = _check(features, start_id, end_id, max_length)
     beam_width, n_best = int(beam_width), int(n_best)
@@ -212,7 +240,8 @@ def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3
     beam_log_probs[:, 0] = 0.0
     beam_words = np.zeros((count, k, 0), dtype=np.int64)  # the words so far, per beam
     words = np.full(count * k, start_id, dtype=np.int32)
-    finished = [[] for _ in range(count)]  # per image: (score, log_prob, ids)
+    finished = [[] for _ in range(count)]  # per image: (score, log_prob, ids, attention)
+    beam_attention = None  # (count, k, words so far, L), with return_attention
     done = np.zeros(count, dtype=bool)
     banned = _banned(start_id, end_id, pad_id, banned_ids)
     images = np.arange(count)[:, None]
@@ -220,6 +249,10 @@ def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3
     for length in range(1, int(max_length) + 1):
         log_probs, states = _step(decoder, words, states, row_features, banned)
         vocab_size = log_probs.shape[1]
+        if return_attention:
+            weights = _attention(decoder, count * k).reshape(count, k, -1)
+            if beam_attention is None:
+                beam_attention = np.zeros((count, k, 0, weights.shape[2]), dtype=np.float32)
         total = beam_log_probs[:, :, None] + log_probs.reshape(count, k, vocab_size)
         total[done] = -np.inf  # done images take no further part
         # The best 2k candidates: at most k of them end (one per beam), so at
@@ -235,12 +268,16 @@ def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3
         if not last_step:
             finishing &= top_tokens == end_id
         for image, position in zip(*np.nonzero(finishing)):
-            ids = beam_words[image, top_beams[image, position]].tolist()
+            beam = top_beams[image, position]
+            ids = beam_words[image, beam].tolist()
             token = int(top_tokens[image, position])
+            attention = beam_attention[image, beam] if return_attention else None
             if token != end_id:
                 ids.append(token)  # reached max_length words without <end>
+                if return_attention:
+                    attention = np.concatenate([attention, weights[image, beam][None]])
             log_prob = float(top_log_probs[image, position])
-            finished[image].append((length_normalised(log_prob, length, length_alpha), log_prob, ids))
+            finished[image].append((length_normalised(log_prob, length, length_alpha), log_prob, ids, attention))
         for image in np.flatnonzero(finishing.any(axis=1)):
             finished[image].sort(key=lambda hypothesis: -hypothesis[0])
             del finished[image][k:]  # only the best k can ever be returned
@@ -255,6 +292,9 @@ def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3
         chosen_tokens = np.take_along_axis(top_tokens, continuing, axis=1)
         beam_log_probs = np.take_along_axis(top_log_probs, continuing, axis=1)
         beam_words = np.concatenate([beam_words[images, chosen_beams], chosen_tokens[:, :, None]], axis=2)
+        if return_attention:  # each new beam: its parent's weights, then this step's
+            beam_attention = np.concatenate([beam_attention[images, chosen_beams],
+                                             weights[images, chosen_beams][:, :, None]], axis=2)
         # Each new beam carries on from its parent's recurrent state: gather
         # the parent rows (numpy indexing, no model call).
         parent_rows = (images * k + chosen_beams).reshape(-1)
@@ -262,6 +302,7 @@ def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3
         words = chosen_tokens.reshape(-1).astype(np.int32)
 
     return [
-        [Hypothesis(ids=ids, log_prob=log_prob, score=score) for score, log_prob, ids in image_finished[:n_best]]
+        [Hypothesis(ids=ids, log_prob=log_prob, score=score, attention=attention)
+         for score, log_prob, ids, attention in image_finished[:n_best]]
         for image_finished in finished
     ]

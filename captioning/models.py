@@ -11,6 +11,9 @@ the only difference between the architectures (Tanti, Gatt & Camilleri, 2018,
     init-inject  the image becomes the RNN's initial state
     pre-inject   the image is the first "word" of the sequence
     par-inject   the image is concatenated to every word the RNN reads
+    attention    the RNN looks at the image's spatial grid before every word
+                 (soft attention, Xu et al. 2015): captioning/attention.py,
+                 notebook 06
 
 The layers that hold weights are created once, with readable names, by
 `_make_layers`, and one function, `_wire`, connects them. We call `_wire`
@@ -30,7 +33,9 @@ tf = quiet_tensorflow()
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-ARCHITECTURES = ("merge", "init-inject", "pre-inject", "par-inject")
+from captioning import attention  # noqa: E402
+
+ARCHITECTURES = ("merge", "init-inject", "pre-inject", "par-inject", "attention")
 RNN_TYPES = ("lstm", "gru")
 MERGE_MODES = ("add", "concat")
 
@@ -105,11 +110,14 @@ def _wire(arch, layers, image, words, states=None, *, merge_mode="add", full_seq
 
 
 def build_captioner(arch="merge", *, vocab_size, feature_dim, max_length, embed_dim=256, units=256,
-                    rnn="lstm", dropout=0.5, merge_mode="add"):
-    """Build one of the four caption models with the Functional API (notebook 03).
+                    rnn="lstm", dropout=0.5, merge_mode="add", grid_shape=(), attention_penalty=0.0):
+    """Build one of the caption models with the Functional API (notebooks 03 and 06).
 
     Inputs: {"image": (batch, feature_dim) float32, "words": (batch, max_length + 1) int32}.
     Output: next-word logits (batch, max_length + 1, vocab_size).
+    arch="attention" reads a grid of feature vectors instead, image (batch, *grid_shape,
+    feature_dim), e.g. grid_shape=(7, 7) for MobileNetV2; attention_penalty is its
+    doubly stochastic regularisation (captioning/attention.py). merge_mode is merge's only.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
@@ -123,6 +131,14 @@ def build_captioner(arch="merge", *, vocab_size, feature_dim, max_length, embed_
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    grid_shape = tuple(int(size) for size in grid_shape)
+    if arch == "attention":
+        return attention.build_attention_captioner(
+            vocab_size=vocab_size, feature_dim=feature_dim, max_length=max_length, grid_shape=grid_shape,
+            embed_dim=embed_dim, units=units, rnn=rnn, dropout=dropout, attention_penalty=attention_penalty)
+    if grid_shape:
+        raise ValueError(f"{arch} reads one feature vector per image, not a grid {grid_shape}: "
+                         "cache features with pooling 'avg', or use arch='attention'")
 
     layers = _make_layers(arch, vocab_size=vocab_size, embed_dim=embed_dim, units=units, rnn=rnn,
                           dropout=dropout, merge_mode=merge_mode)
@@ -219,4 +235,6 @@ class StepDecoder:
 
 def make_step_decoder(model):
     """A StepDecoder for a model from build_captioner, freshly built or reloaded (notebook 04)."""
+    if architecture_of(model)[0] == "attention":
+        return attention.AttentionStepDecoder(model)
     return StepDecoder(model)

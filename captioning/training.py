@@ -118,11 +118,15 @@ class MaskedAccuracy(keras.metrics.Metric):
 
 # --- data -----------------------------------------------------------------------------
 
-def gather_features(store, image_ids):
-    """Load each distinct image's features once: -> (features (M, D), rows (N,)) with
-    features[rows[i]] belonging to image_ids[i] (five captions share one image)."""
+def gather_features(store, image_ids, chunk=256):
+    """Load each distinct image's features once: -> (features (M, *shape), rows (N,)) with
+    features[rows[i]] belonging to image_ids[i] (five captions share one image). They keep the
+    cache's float16 (attention's grids are 49 vectors each): make_dataset casts per batch."""
     distinct, rows = np.unique(np.asarray(image_ids, dtype=str), return_inverse=True)
-    return np.asarray(store.get_many(list(distinct)), dtype=np.float32), rows.astype(np.int64)
+    features = np.empty((len(distinct), *store.feature_shape), dtype=np.float16)
+    for first in range(0, len(distinct), chunk):
+        features[first:first + chunk] = store.get_many(list(distinct[first:first + chunk]))
+    return features, rows.astype(np.int64)
 
 
 def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed=0):
@@ -131,9 +135,11 @@ def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed
     `sequences` are encoded captions (N, max_length + 2): [<start>, words, <end>, <pad>...].
     The model reads sequence[:-1] and must predict sequence[1:]. Features are
     stored once per image and gathered per batch, so a caption costs an index,
-    not a copy of its image vector.
+    not a copy of its image vector. Features may be vectors (N, D) or grids
+    (N, H, W, C), float32 or the cache's float16 (cast per batch).
     """
-    features = tf.constant(np.asarray(features, dtype=np.float32))
+    features = np.asarray(features)
+    features = tf.constant(features if features.dtype in (np.float16, np.float32) else features.astype(np.float32))
     sequences = np.asarray(sequences, dtype=np.int32)
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) != len(sequences):
@@ -142,7 +148,7 @@ def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed
         raise ValueError("no captions to make a dataset from")
 
     def to_model_inputs(batch_rows, batch_sequences):
-        inputs = {"image": tf.gather(features, batch_rows), "words": batch_sequences[:, :-1]}
+        inputs = {"image": tf.cast(tf.gather(features, batch_rows), tf.float32), "words": batch_sequences[:, :-1]}
         return inputs, batch_sequences[:, 1:]
 
     data = tf.data.Dataset.from_tensor_slices((rows, sequences))
@@ -238,14 +244,14 @@ def _prepared_data(dataset, data_dir, prepared_dir, settings, karpathy_split, lo
                    max_length=settings["max_length"], karpathy_split=karpathy_split)
 
 
-def _feature_store(captions, features_dir, encoder, weights, log):
+def _feature_store(captions, features_dir, encoder, weights, log, pooling="avg"):
     """The feature cache of every image in the table. cache_features returns at once when
     the cache already holds exactly these images with this encoder, and resumes a
     half-finished one."""
     from captioning.features import FeatureStore, cache_features
     images = captions.drop_duplicates("image_id")[["image_id", "image_path"]]
     log(f"feature cache: {features_dir} ({len(images)} images, {encoder})")
-    report = cache_features(images, features_dir, encoder=encoder, weights=weights, pooling="avg")
+    report = cache_features(images, features_dir, encoder=encoder, weights=weights, pooling=pooling)
     if report.skipped:
         log(f"  {len(report.skipped)} unreadable image(s) skipped, e.g. {report.skipped[0][1]}: "
             f"{report.skipped[0][2]}")
@@ -292,13 +298,16 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
     on train2017 / val2017, or Karpathy's train+restval / val with karpathy_split.
     Prepared data and features are cached under cache_dir (default data/work)
     and reused by the next run. Returns the bundle folder. Notebook 03.
+    arch="attention" trains on the spatial grids (pooling "none", their own cache folder; notebook 06).
     """
     from captioning.bundle import save_bundle
     from captioning.fileio import work_paths
     settings = preset_settings(preset, epochs=epochs, **overrides)
-    paths = work_paths(cache_dir or "data/work", dataset, encoder=encoder, pooling="avg")
+    pooling = "none" if arch == "attention" else "avg"  # attention looks at the grid
+    paths = work_paths(cache_dir or "data/work", dataset, encoder=encoder, pooling=pooling)
     prepared = _prepared_data(dataset, data_dir, paths["prepared"], settings, karpathy_split, log)
-    store = _feature_store(prepared.captions, paths["features"], encoder, weights, log)
+    store = _feature_store(prepared.captions, paths["features"], encoder, weights, log,
+                           pooling=None if pooling == "none" else pooling)
 
     train_splits, val_splits = split_names(dataset, karpathy_split)
     train_arrays = caption_arrays(prepared.captions, train_splits, store, prepared.vocab)
@@ -313,8 +322,8 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
     train_data = make_dataset(*train_arrays, batch_size=batch, seed=seed)
     val_data = make_dataset(*val_arrays, batch_size=batch, shuffle=False) if len(val_arrays[1]) else None
     with (strategy or tf.distribute.get_strategy()).scope():
-        model = build_captioner(arch, vocab_size=len(prepared.vocab), feature_dim=train_arrays[0].shape[1],
-                                max_length=prepared.vocab.max_length,
+        model = build_captioner(arch, vocab_size=len(prepared.vocab), feature_dim=store.feature_shape[-1],
+                                grid_shape=store.feature_shape[:-1], max_length=prepared.vocab.max_length,
                                 **{key: settings[key] for key in MODEL_KEYS})
     out_dir = Path(out_dir)
     run_dir = out_dir / "training"

@@ -56,7 +56,7 @@ def test_merge_concat_is_wider_than_add():
 
 def test_bad_options_are_clear_errors():
     with pytest.raises(ValueError, match="arch"):
-        build_captioner("attention", vocab_size=5, feature_dim=3, max_length=4)
+        build_captioner("transformer", vocab_size=5, feature_dim=3, max_length=4)
     with pytest.raises(ValueError, match="rnn"):
         build_captioner("merge", vocab_size=5, feature_dim=3, max_length=4, rnn="transformer")
     with pytest.raises(ValueError, match="dropout"):
