@@ -139,7 +139,6 @@ def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed
     (N, H, W, C), float32 or the cache's float16 (cast per batch).
     """
     features = np.asarray(features)
-    features = tf.constant(features if features.dtype in (np.float16, np.float32) else features.astype(np.float32))
     sequences = np.asarray(sequences, dtype=np.int32)
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) != len(sequences):
@@ -147,9 +146,19 @@ def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed
     if len(rows) == 0:
         raise ValueError("no captions to make a dataset from")
 
+    if features.dtype == np.float16:
+        # float16 stays in numpy: TensorFlow's CPU float16 kernels are slow and log a oneDNN error.
+        def images(batch_rows):
+            batch = tf.numpy_function(lambda rows: features[rows].astype(np.float32), [batch_rows], tf.float32)
+            return tf.ensure_shape(batch, (None, *features.shape[1:]))
+    else:
+        table = tf.constant(features.astype(np.float32, copy=False))
+
+        def images(batch_rows):
+            return tf.gather(table, batch_rows)
+
     def to_model_inputs(batch_rows, batch_sequences):
-        inputs = {"image": tf.cast(tf.gather(features, batch_rows), tf.float32), "words": batch_sequences[:, :-1]}
-        return inputs, batch_sequences[:, 1:]
+        return {"image": images(batch_rows), "words": batch_sequences[:, :-1]}, batch_sequences[:, 1:]
 
     data = tf.data.Dataset.from_tensor_slices((rows, sequences))
     if shuffle:

@@ -57,7 +57,7 @@ def runs_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
-@pytest.mark.parametrize("prefix", ["01", "02", "03", "04", "05"])
+@pytest.mark.parametrize("prefix", ["01", "02", "03", "04", "05", "06"])
 def test_flickr8k_notebook_chain(prefix, flickr8k_parameters, runs_dir):
     if prefix != "01" and f"{int(prefix) - 1:02d}" not in _completed:
         pytest.skip(f"notebook {int(prefix) - 1:02d} did not run, and {prefix} needs its output")
