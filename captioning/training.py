@@ -30,10 +30,12 @@ PAD_ID = 0  # vocab.py puts <pad> at id 0
 PRESETS = {
     "cpu-small": dict(embed_dim=256, units=256, rnn="lstm", dropout=0.5, merge_mode="add",
                       batch_size=64, learning_rate=1e-3, epochs=30, patience=4, label_smoothing=0.0,
-                      min_count=5, max_length=20, length_alpha=0.7),
+                      min_count=5, max_length=20, length_alpha=0.7,
+                      self_critical_epochs=10, self_critical_learning_rate=1e-4),
     "gpu-full": dict(embed_dim=512, units=512, rnn="lstm", dropout=0.5, merge_mode="add",
                      batch_size=256, learning_rate=5e-4, epochs=30, patience=3, label_smoothing=0.1,
-                     min_count=5, max_length=20, length_alpha=0.7),
+                     min_count=5, max_length=20, length_alpha=0.7,
+                     self_critical_epochs=10, self_critical_learning_rate=5e-5),
 }
 MODEL_KEYS = ("embed_dim", "units", "rnn", "dropout", "merge_mode")
 
@@ -129,14 +131,16 @@ def gather_features(store, image_ids, chunk=256):
     return features, rows.astype(np.int64)
 
 
-def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed=0):
+def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed=0, weights=None):
     """A tf.data pipeline of ({"image", "words"}, targets) batches (notebook 03).
 
     `sequences` are encoded captions (N, max_length + 2): [<start>, words, <end>, <pad>...].
     The model reads sequence[:-1] and must predict sequence[1:]. Features are
     stored once per image and gathered per batch, so a caption costs an index,
     not a copy of its image vector. Features may be vectors (N, D) or grids
-    (N, H, W, C), float32 or the cache's float16 (cast per batch).
+    (N, H, W, C), float32 or the cache's float16 (cast per batch). With one
+    weight per caption, batches also carry it for every target word (the loss
+    multiplies each word's loss by it: self_critical.py).
     """
     features = np.asarray(features)
     sequences = np.asarray(sequences, dtype=np.int32)
@@ -157,10 +161,14 @@ def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed
         def images(batch_rows):
             return tf.gather(table, batch_rows)
 
-    def to_model_inputs(batch_rows, batch_sequences):
-        return {"image": images(batch_rows), "words": batch_sequences[:, :-1]}, batch_sequences[:, 1:]
+    def to_model_inputs(batch_rows, batch_sequences, *batch_weights):
+        inputs, targets = {"image": images(batch_rows), "words": batch_sequences[:, :-1]}, batch_sequences[:, 1:]
+        if not batch_weights:
+            return inputs, targets
+        return inputs, targets, tf.repeat(batch_weights[0][:, None], tf.shape(targets)[1], axis=1)
 
-    data = tf.data.Dataset.from_tensor_slices((rows, sequences))
+    columns = (rows, sequences) if weights is None else (rows, sequences, np.asarray(weights, dtype=np.float32))
+    data = tf.data.Dataset.from_tensor_slices(columns)
     if shuffle:
         data = data.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
     return (data.batch(batch_size)
@@ -299,6 +307,17 @@ def bundle_settings(arch, dataset, store, settings, metrics, **extra):
             **extra}
 
 
+def _self_critical_phase(model, prepared, store, splits, settings, epochs, seed, log):
+    """Fine-tune on CIDEr-D after teacher forcing (self_critical.py); an explicit `epochs` caps it too."""
+    from captioning.self_critical import references_by_image, self_critical
+    rounds = settings["self_critical_epochs"] if epochs is None else min(epochs, settings["self_critical_epochs"])
+    train = references_by_image(prepared.captions, splits[0], store)
+    val = references_by_image(prepared.captions, splits[1], store)
+    return self_critical(model, prepared.vocab, *train, *val, epochs=rounds, seed=seed, log=log,
+                         learning_rate=settings["self_critical_learning_rate"], batch_size=settings["batch_size"],
+                         length_alpha=settings["length_alpha"])
+
+
 def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs=None, preset="cpu-small",
                    cache_dir=None, karpathy_split=None, seed=0, strategy=None, log=print, **overrides):
     """Prepare, cache features, train and save a bundle; what `python -m captioning train` runs.
@@ -341,6 +360,9 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
                             learning_rate=settings["learning_rate"], label_smoothing=settings["label_smoothing"],
                             patience=settings["patience"], run_dir=run_dir)
     metrics = history_metrics(history, time.perf_counter() - started)
+    if settings["self_critical_epochs"] and len(val_arrays[1]):
+        metrics["self_critical"] = _self_critical_phase(model, prepared, store, (train_splits, val_splits),
+                                                        settings, epochs, seed, log)
     save_bundle(out_dir, model, prepared.vocab, bundle_settings(
         arch, dataset, store, settings, metrics, preset=preset, seed=seed,
         train_splits=list(train_splits), validation_splits=list(val_splits)))

@@ -116,6 +116,7 @@ def test_train_cli_writes_a_bundle_that_captions_images(flickr8k_bundle, flickr8
     assert settings["arch"] == "merge" and settings["feature_dim"] == 1280
     assert settings["train_splits"] == ["train"] and settings["validation_splits"] == ["dev"]
     assert settings["metrics"]["epochs_run"] == 3 and settings["weights_id"].startswith("mobilenet_v2")
+    assert 1 <= len(settings["metrics"]["self_critical"]) <= 3  # --epochs caps the fine-tuning too
     history = (flickr8k_bundle / "training" / "history.csv").read_text().splitlines()
     assert len(history) == 4 and "val_loss" in history[0]
     images = sorted((flickr8k_dir / "images").glob("*.jpg"))[:2]

@@ -17,8 +17,9 @@ import keras  # noqa: E402
 
 from captioning.decoding import greedy_decode  # noqa: E402
 from captioning.models import ARCHITECTURES, build_captioner, make_step_decoder  # noqa: E402
+from captioning.self_critical import cider_d, self_critical, validation_cider  # noqa: E402
 from captioning.training import (  # noqa: E402
-    PRESETS, MaskedAccuracy, MaskedCaptionLoss, fit_captioner, make_dataset, preset_settings)
+    PRESETS, MaskedAccuracy, MaskedCaptionLoss, compile_captioner, fit_captioner, make_dataset, preset_settings)
 from captioning.vocab import Vocabulary  # noqa: E402
 
 # --- synthetic captions: the image features determine the caption ---------------------
@@ -240,3 +241,52 @@ def test_training_under_mirrored_strategy_on_two_devices():
     assert len(report["variable_devices"]) == 2  # each variable mirrored on both devices
     assert report["loss"][-1] < report["loss"][0] / 5
     assert report["exact"] >= 0.9
+
+
+# --- self-critical fine-tuning -------------------------------------------------------------
+
+def test_weighted_batches_carry_a_weight_for_every_target_word():
+    vocab = synthetic_vocab()
+    features, captions = synthetic_captions(3, seed=4)
+    data = make_dataset(features, np.arange(3), vocab.encode_batch(captions), batch_size=3, shuffle=False,
+                        weights=[0.5, -1.0, 2.0])
+    inputs, targets, weights = next(data.as_numpy_iterator())
+    assert weights.shape == targets.shape
+    np.testing.assert_array_equal(weights[:, 0], [0.5, -1.0, 2.0])
+    assert (weights == weights[:, :1]).all()
+
+
+def test_a_zero_weight_leaves_the_model_unchanged():
+    vocab = synthetic_vocab()
+    features, captions = synthetic_captions(8, seed=4)
+    model = tiny_model("merge", vocab)
+    before = [weight.copy() for weight in model.get_weights()]
+    compile_captioner(model)
+    model.fit(make_dataset(features, np.arange(8), vocab.encode_batch(captions), weights=np.zeros(8)), verbose=0)
+    for old, new in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_cider_d_prefers_the_reference_caption():
+    references = [["a dog runs on the grass", "a brown dog runs"], ["two birds sit in a tree"]] * 2
+    scores = cider_d(references, ["a dog runs on the grass", "two birds sit in a tree",
+                                  "two birds sit in a tree", "a dog runs on the grass"])
+    assert scores[0] > scores[2] and scores[1] > scores[3]
+
+
+def test_self_critical_raises_the_cider_of_its_own_samples():
+    keras.utils.set_random_seed(0)
+    vocab = synthetic_vocab()
+    train, _, _ = synthetic_data(vocab, 120, seed=1)
+    model = tiny_model("merge", vocab)
+    fit_captioner(model, train, epochs=4, learning_rate=1e-2, verbose=0)  # half-trained on purpose
+    features, captions = synthetic_captions(40, seed=3)
+    val_features, val_captions = synthetic_captions(20, seed=2)
+    history = self_critical(model, vocab, features, [[caption] for caption in captions], val_features,
+                            [[caption] for caption in val_captions], epochs=4, samples=4, learning_rate=3e-3,
+                            patience=4, log=lambda *args: None)
+    assert len(history) == 4
+    assert history[-1]["sample_cider"] > history[0]["sample_cider"]
+    final = validation_cider(make_step_decoder(model), vocab, val_features, [[c] for c in val_captions])
+    assert final == pytest.approx(max(record["val_cider"] for record in history), abs=1e-3) or \
+        final >= max(record["val_cider"] for record in history)

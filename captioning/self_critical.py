@@ -1,0 +1,143 @@
+"""Self-critical fine-tuning: train on the captions the model writes, scored by CIDEr-D
+(Rennie et al. 2017, "Self-critical sequence training for image captioning"). Notebook 03.
+
+Teacher forcing (training.py) teaches the model to predict the next *human*
+word. But at test time the model reads its *own* words, and we judge whole
+captions with CIDEr-D, not words with cross-entropy. Self-critical training
+closes both gaps with REINFORCE:
+
+    1. for every training image, sample a few captions from the model;
+    2. score each with CIDEr-D against that image's human captions;
+    3. make the words of captions that beat the others of the same image more
+       likely, and those of worse ones less likely.
+
+Step 3 is teacher forcing again, on the model's own sampled caption, with the
+loss of every word weighted by the caption's *advantage*: its score minus the
+mean score of the other samples of the same image (the baseline of Luo, 2020,
+"A better variant of self-critical sequence training"). So the full-sequence
+model, its masked loss and fit() are reused as they are, with sample weights.
+
+An epoch is kept only if beam search on the validation images scores a
+better CIDEr-D than before; otherwise the best weights are restored at the end.
+"""
+
+import numpy as np
+
+from captioning.decoding import beam_search, sample_decode
+from captioning.models import make_step_decoder
+from captioning.training import compile_captioner, gather_features, make_dataset
+
+
+def references_by_image(captions, splits, store):
+    """(features (M, ...), M lists of cleaned captions) for the images of `splits` in the store."""
+    part = captions[captions["split"].isin(splits) & captions["image_id"].isin(set(store.ids))]
+    groups = part.groupby("image_id")["clean"].apply(list)
+    features, _ = gather_features(store, groups.index.tolist())  # sorted ids, like groups
+    return features, groups.tolist()
+
+
+def cider_d(references, candidates):
+    """CIDEr-D (pycocoevalcap) of each candidate caption against its list of references.
+
+    Document frequencies come from the references given, so pass all of them
+    at once; the same reference list repeated for several candidates of one
+    image leaves the idf weights unchanged.
+    """
+    from pycocoevalcap.cider.cider import Cider
+    if not candidates:
+        return np.zeros(0)
+    gts = {index: list(refs) for index, refs in enumerate(references)}
+    res = {index: [candidate if candidate.strip() else "<empty>"] for index, candidate in enumerate(candidates)}
+    return np.asarray(Cider().compute_score(gts, res)[1], dtype=np.float64)
+
+
+def _encode(vocab, rows):
+    """Sampled word ids -> (N, max_length + 2) sequences [<start>, words, <end>, <pad>...]; a
+    caption cut at max_length has no <end>, since the model did not choose one."""
+    sequences = np.full((len(rows), vocab.max_length + 2), vocab.pad_id, dtype=np.int32)
+    sequences[:, 0] = vocab.start_id
+    for row, ids in enumerate(rows):
+        sequences[row, 1:len(ids) + 1] = ids
+        if len(ids) < vocab.max_length:
+            sequences[row, len(ids) + 1] = vocab.end_id
+    return sequences
+
+
+def _captions(vocab, rows):
+    return [" ".join(vocab.words[i] for i in ids) for ids in rows]
+
+
+def validation_cider(decoder, vocab, features, references, *, beam_width=3, length_alpha=0.7, chunk=128):
+    """Mean CIDEr-D of beam-search captions: what the fine-tuning keeps or rejects an epoch on."""
+    rows = []
+    for first in range(0, len(features), chunk):
+        results = beam_search(decoder, np.asarray(features[first:first + chunk], dtype=np.float32),
+                              start_id=vocab.start_id, end_id=vocab.end_id, max_length=vocab.max_length,
+                              beam_width=beam_width, length_alpha=length_alpha, banned_ids=[vocab.unk_id])
+        rows += [hypotheses[0].ids for hypotheses in results]
+    return float(cider_d(references, _captions(vocab, rows)).mean())
+
+
+def _sample(decoder, vocab, features, samples, seed, chunk=128):
+    """`samples` captions per image, image after image; sampled a chunk of images at a time
+    so that repeated features (grids, for attention) never fill the memory."""
+    rows = []
+    for first in range(0, len(features), chunk):
+        repeated = np.repeat(np.asarray(features[first:first + chunk], dtype=np.float32), samples, axis=0)
+        rows += sample_decode(decoder, repeated, start_id=vocab.start_id, end_id=vocab.end_id,
+                              max_length=vocab.max_length, seed=seed + first, banned_ids=[vocab.unk_id])
+    return rows
+
+
+def self_critical(model, vocab, train_features, train_references, val_features=None, val_references=None, *,
+                  epochs=10, samples=5, learning_rate=1e-4, batch_size=64, patience=3, beam_width=3,
+                  length_alpha=0.7, seed=0, log=print):
+    """Fine-tune a teacher-forced caption model on CIDEr-D (notebook 03); returns a history list.
+
+    train_features: one row per image; train_references: the cleaned human
+    captions of each (references_by_image gives both). With validation images,
+    the weights of the best validation epoch (the starting ones included) are kept.
+    """
+    if samples < 2:
+        raise ValueError(f"samples must be at least 2 (the baseline is the other samples' mean), got {samples}")
+    if len(train_features) != len(train_references):
+        raise ValueError(f"{len(train_features)} training images but {len(train_references)} reference lists")
+    decoder = make_step_decoder(model)
+    compile_captioner(model, learning_rate=learning_rate)
+    validating = val_features is not None and len(val_features) > 0
+
+    def score():
+        return validation_cider(decoder, vocab, val_features, val_references, beam_width=beam_width,
+                                length_alpha=length_alpha)
+
+    best = score() if validating else -np.inf
+    best_weights, waited, history = model.get_weights(), 0, []
+    if validating:
+        log(f"self-critical: validation CIDEr-D {best:.4f} before fine-tuning")
+    image_rows = np.repeat(np.arange(len(train_features)), samples)
+    references = [refs for refs in train_references for _ in range(samples)]
+
+    for epoch in range(epochs):
+        rows = _sample(decoder, vocab, train_features, samples, seed=(seed * 1000 + epoch) * 100_000)
+        rewards = cider_d(references, _captions(vocab, rows))
+        per_image = rewards.reshape(-1, samples)
+        baseline = (per_image.sum(axis=1, keepdims=True) - per_image) / (samples - 1)
+        advantage = (per_image - baseline).reshape(-1)
+        data = make_dataset(train_features, image_rows, _encode(vocab, rows), batch_size=batch_size,
+                            seed=seed + epoch, weights=advantage)
+        model.fit(data, epochs=1, verbose=0, shuffle=False)
+
+        record = {"epoch": epoch + 1, "sample_cider": round(float(rewards.mean()), 4)}
+        if validating:
+            record["val_cider"] = round(score(), 4)
+            if record["val_cider"] > best:
+                best, best_weights, waited = record["val_cider"], model.get_weights(), 0
+            else:
+                waited += 1
+        history.append(record)
+        log(f"self-critical epoch {epoch + 1}: {record}")
+        if validating and waited >= patience:
+            break
+    if validating:
+        model.set_weights(best_weights)
+    return history
