@@ -30,11 +30,11 @@ PAD_ID = 0  # vocab.py puts <pad> at id 0
 PRESETS = {
     "cpu-small": dict(embed_dim=256, units=256, rnn="lstm", dropout=0.5, merge_mode="add",
                       batch_size=64, learning_rate=1e-3, epochs=30, patience=4, label_smoothing=0.0,
-                      min_count=5, max_length=20, length_alpha=0.7,
-                      self_critical_epochs=10, self_critical_learning_rate=1e-4),
+                      min_count=5, max_length=20, length_alpha=0.7, guidance=0.0,
+                      self_critical_epochs=10, self_critical_learning_rate=5e-5),
     "gpu-full": dict(embed_dim=512, units=512, rnn="lstm", dropout=0.5, merge_mode="add",
                      batch_size=256, learning_rate=5e-4, epochs=30, patience=3, label_smoothing=0.1,
-                     min_count=5, max_length=20, length_alpha=0.7,
+                     min_count=5, max_length=20, length_alpha=0.7, guidance=0.0,
                      self_critical_epochs=10, self_critical_learning_rate=5e-5),
 }
 MODEL_KEYS = ("embed_dim", "units", "rnn", "dropout", "merge_mode")
@@ -303,7 +303,8 @@ def bundle_settings(arch, dataset, store, settings, metrics, **extra):
     manifest = store.manifest
     return {"arch": arch, "dataset": dataset, "encoder": manifest["encoder"], "weights": manifest["weights"],
             "weights_id": manifest["weights_id"], "pooling": manifest.get("pooling", "avg"),
-            "training": settings, "metrics": metrics, "decoding": {"length_alpha": settings["length_alpha"]},
+            "training": settings, "metrics": metrics,
+            "decoding": {"length_alpha": settings["length_alpha"], "guidance": settings["guidance"]},
             **extra}
 
 

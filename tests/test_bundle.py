@@ -150,3 +150,33 @@ def test_captions_never_contain_unk_unless_asked(bundle_dir, beam_width):
     features = np.zeros((2, FEATURE_DIM), dtype="float32")
     assert captioner.caption_features(features, beam_width=beam_width) == ["dog", "dog"]
     assert captioner.caption_features(features, beam_width=beam_width, allow_unknown=True) == ["<unk>", "<unk>"]
+
+
+class ImageOrPrior:
+    """A stand-in decoder: with an image it slightly prefers 'dog' over 'car'; with the all-zero
+    image (the language prior) it strongly prefers 'dog'. Then <end>."""
+
+    def __init__(self, vocab):
+        self.vocab, self.vocab_size = vocab, len(vocab)
+
+    def initial_state(self, features):
+        return [np.zeros((len(features), 1), dtype="float32")]
+
+    def step(self, words, states, features):
+        log_probs = np.full((len(words), self.vocab_size), -20.0, dtype="float32")
+        first, seen = states[0][:, 0] == 0, np.abs(features).sum(axis=1) > 0
+        dog, car = self.vocab.words.index("dog"), self.vocab.words.index("car")
+        log_probs[first, dog] = np.where(seen, -0.5, -0.1)[first]
+        log_probs[first, car] = np.where(seen, -1.0, -3.0)[first]
+        log_probs[~first, self.vocab.end_id] = 0.0
+        return log_probs, [states[0] + 1]
+
+
+def test_guidance_favours_the_words_the_image_makes_more_likely(bundle_dir):
+    captioner = Captioner.load(bundle_dir)
+    captioner.decoder = ImageOrPrior(captioner.vocab)
+    features = np.ones((2, FEATURE_DIM), dtype="float32")
+    assert captioner.caption_features(features, beam_width=1, guidance=0.0) == ["dog", "dog"]
+    # (1 + 1) * -0.5 - 1 * -0.1 = -0.9 for dog, (1 + 1) * -1.0 - 1 * -3.0 = +1.0 for car
+    assert captioner.caption_features(features, beam_width=1, guidance=1.0) == ["car", "car"]
+    assert captioner.caption_features(features, beam_width=3, guidance=1.0) == ["car", "car"]
