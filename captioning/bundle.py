@@ -143,7 +143,9 @@ class Captioner:
         from captioning.decoding import beam_search, greedy_decode
         features = self.model_features(features)
         options = {**self.settings.get("decoding", {}), **decode_options}
-        banned = [] if options.pop("allow_unknown", False) else [self.vocab.unk_id]
+        banned = list(options.pop("banned_ids", ()))
+        if not options.pop("allow_unknown", False):
+            banned.append(self.vocab.unk_id)
         guidance = float(options.pop("guidance", 0.0))
         decoder = _Guided(self.decoder, guidance) if guidance else self.decoder
         common = dict(start_id=self.vocab.start_id, end_id=self.vocab.end_id, max_length=self.vocab.max_length,
