@@ -90,13 +90,16 @@ def _sample(decoder, vocab, features, samples, seed, chunk=128):
 
 
 def self_critical(model, vocab, train_features, train_references, val_features=None, val_references=None, *,
-                  epochs=10, samples=5, learning_rate=1e-4, batch_size=64, patience=3, beam_width=3,
+                  epochs=10, samples=5, learning_rate=5e-5, batch_size=64, patience=None, beam_width=3,
                   length_alpha=0.7, seed=0, log=print):
     """Fine-tune a teacher-forced caption model on CIDEr-D (notebook 03); returns a history list.
 
     train_features: one row per image; train_references: the cleaned human
     captions of each (references_by_image gives both). With validation images,
-    the weights of the best validation epoch (the starting ones included) are kept.
+    the weights of the best validation epoch (the starting ones included) are
+    kept, and `patience` epochs without a better one stop early. The default,
+    None, runs every epoch: the first ones often score lower on validation
+    while the captions change style, before they score higher.
     """
     if samples < 2:
         raise ValueError(f"samples must be at least 2 (the baseline is the other samples' mean), got {samples}")
@@ -136,7 +139,7 @@ def self_critical(model, vocab, train_features, train_references, val_features=N
                 waited += 1
         history.append(record)
         log(f"self-critical epoch {epoch + 1}: {record}")
-        if validating and waited >= patience:
+        if validating and patience is not None and waited >= patience:
             break
     if validating:
         model.set_weights(best_weights)
