@@ -110,10 +110,13 @@ def doubly_stochastic_penalty(weights, words, pad_id=PAD_ID):
     return keras.ops.mean(keras.ops.sum(keras.ops.square(1.0 - per_region), axis=-1))
 
 
-def make_layers(*, vocab_size, embed_dim, units, rnn, dropout, attention_units=None, attention_penalty=0.0):
+def make_layers(*, vocab_size, embed_dim, units, rnn, dropout, word_dropout=0.0, attention_units=None,
+                attention_penalty=0.0):
     """The layers that hold weights (and the dropouts), keyed by their names."""
+    from captioning.models import WordDropout  # models.py imports this module
     dense, drop = keras.layers.Dense, keras.layers.Dropout
     layers = [
+        WordDropout(word_dropout, name="word_dropout"),
         # Each region to `units` numbers: a much smaller context vector and LSTM
         # input than the CNN's 1280 or 2048 channels, as in TensorFlow's tutorial.
         dense(units, activation="relu", name="grid_projection"),
@@ -157,7 +160,8 @@ def wire(layers, image, words, states=None):
     if states is None:
         states = initial_states(layers, grid)
     regions = layers["region_dropout"](layers["grid_projection"](grid))
-    sequence = layers["embedding_dropout"](layers["word_embedding"](words))
+    read = layers["word_dropout"](words) if "word_dropout" in layers else words  # absent in older models
+    sequence = layers["embedding_dropout"](layers["word_embedding"](read))
     hidden, contexts, weights, *new_states = layers["decoder_rnn"](sequence, regions, states, words)
     # The word classifier reads what the decoder thinks and what it looks at.
     outputs = keras.layers.Concatenate(name="hidden_and_context")([hidden, contexts])
@@ -166,14 +170,15 @@ def wire(layers, image, words, states=None):
 
 
 def build_attention_captioner(*, vocab_size, feature_dim, max_length, grid_shape=(), embed_dim=256, units=256,
-                              rnn="lstm", dropout=0.5, attention_units=None, attention_penalty=0.0):
+                              rnn="lstm", dropout=0.5, word_dropout=0.0, attention_units=None,
+                              attention_penalty=0.0):
     """The attention captioner (build_captioner(arch="attention") calls this; notebook 06).
 
-    Inputs: {"image": (batch, *grid_shape, feature_dim) float32, e.g. (batch, 7, 7, 1280),
+    Inputs: {"image": (batch, *grid_shape, feature_dim) float32, e.g. (batch, 10, 10, 1280),
     "words": (batch, max_length + 1) int32}. Output: logits (batch, max_length + 1, vocab_size).
     """
     layers = make_layers(vocab_size=vocab_size, embed_dim=embed_dim, units=units, rnn=rnn, dropout=dropout,
-                         attention_units=attention_units, attention_penalty=attention_penalty)
+                         word_dropout=word_dropout, attention_units=attention_units, attention_penalty=attention_penalty)
     image = keras.Input((*grid_shape, feature_dim), name="image")
     words = keras.Input((max_length + 1,), dtype="int32", name="words")
     logits, _, _ = wire(layers, image, words)

@@ -176,13 +176,19 @@ class Captioner:
         the same file), and must give the same weights identity.
         """
         from captioning.encoders import build_encoder, encode_images
+        # Bundles from before mirrored features existed say nothing about them: they were not mirrored.
         encoder = build_encoder(self.settings["encoder"], weights=weights or self.settings["weights"],
-                                pooling=self.settings["pooling"])
+                                pooling=self.settings["pooling"], mirror=self.settings.get("mirror", False))
         expected = self.settings.get("weights_id")
         if expected and encoder.weights_id != expected:
             raise ValueError(f"encoder weights {weights or self.settings['weights']!r} are not the ones this "
                              f"model was trained with (weights_id {encoder.weights_id} != {expected} "
                              f"in {self.bundle_dir}/bundle.json)")
+        trained_size = self.settings.get("image_size", encoder.image_size)
+        if encoder.image_size != trained_size:
+            raise ValueError(f"this model was trained on features of {trained_size} px photos ({self.bundle_dir}/"
+                             f"bundle.json field image_size) but {encoder.name} now encodes {encoder.image_size} px "
+                             "photos: train the model again")
         paths = [str(path) for path in paths]
         features, ok_indices, errors = encode_images(encoder, paths, batch_size=batch_size)
         captions = [None] * len(paths)

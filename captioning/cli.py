@@ -47,6 +47,8 @@ def build_parser():
     features.add_argument("--batch-size", type=int, default=32)
     features.add_argument("--pooling", choices=("avg", "none"), default="avg",
                           help="'avg': one vector per image; 'none': the spatial grid (for attention)")
+    features.add_argument("--no-mirror", dest="mirror", action="store_false",
+                          help="encode each photo once, not averaged with its mirror image (half the time)")
     features.add_argument("--shard", default=None, metavar="I/N",
                           help="cache only shard I of N (0-based), to spread the work over machines")
     features.set_defaults(handler=cmd_features)
@@ -138,7 +140,7 @@ def cmd_features(args):
         print(f"note: {dropped} images of the annotations are not on disk; "
               f"caching the {images['image_id'].nunique()} that are")
     report = cache_features(images, args.out, encoder=args.encoder, weights=args.weights,
-                            pooling=None if args.pooling == "none" else "avg",
+                            pooling=None if args.pooling == "none" else "avg", mirror=args.mirror,
                             batch_size=args.batch_size, shard=shard)
     print(report.summary())
     if shard is not None:

@@ -9,15 +9,30 @@ language model fast.
 Two encoders, each with the input size and `preprocess_input` it was trained
 with (feeding one network the other's preprocessing silently hurts quality):
 
-    inception_v3   299 px, 2048-d pooled or an 8x8x2048 grid   (the default; ~6 GFLOPs)
-    mobilenet_v2   224 px, 1280-d pooled or a 7x7x1280 grid    (~7x faster on a laptop CPU)
+    inception_v3   299 px, 2048-d pooled or an 8x8x2048 grid     (the default; ~6 GFLOPs)
+    mobilenet_v2   320 px, 1280-d pooled or a 10x10x1280 grid  (~3.5x faster on a laptop CPU)
+
+MobileNetV2 learned ImageNet from 224 px photos, but it is all convolutions,
+so it reads a larger photo as well, and the finer detail helps: on the
+Flickr8k sample, 320 px features raised the CIDEr of held-out captions by
+about 0.04 over 224 px (224 px costs half as much, 448 px twice as much).
 
 `pooling="avg"` averages the grid into one vector (for merge/inject models);
 `pooling=None` keeps the grid, for attention models that look at regions.
+
+`mirror=True` (the default) encodes every photo twice, as it is and flipped
+left to right, and averages the two (a grid's mirrored half is flipped back
+first, so each cell still describes the same place). A photo and its mirror
+image show the same scene, so the average keeps what the scene is and drops
+some of the network's accidental left-right quirks. It costs a second forward
+pass, once, when the features are cached. On the Flickr8k sample it lowered
+the validation loss and raised held-out CIDEr by about 0.02 in a single-seed
+comparison, no more than the spread between seeds: a small, cheap gain.
 """
 
 import hashlib
 import socket
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -43,7 +58,7 @@ class EncoderSpec:
 
 ENCODERS = {
     "inception_v3": EncoderSpec("InceptionV3", "inception_v3", 299, 8, 2048),
-    "mobilenet_v2": EncoderSpec("MobileNetV2", "mobilenet_v2", 224, 7, 1280),
+    "mobilenet_v2": EncoderSpec("MobileNetV2", "mobilenet_v2", 320, 10, 1280),  # see the top of the file
 }
 
 # Downloading ImageNet weights must not hang a class on a dead network:
@@ -84,7 +99,7 @@ def _file_id(path):
     return f"{Path(path).name}:sha256:{digest.hexdigest()[:16]}"
 
 
-def encoder_settings(name="inception_v3", weights="imagenet", pooling="avg"):
+def encoder_settings(name="inception_v3", weights="imagenet", pooling="avg", mirror=True):
     """What identifies an encoder's features, computed without building the network.
 
     The feature cache compares these with its manifest, so that a finished
@@ -98,7 +113,7 @@ def encoder_settings(name="inception_v3", weights="imagenet", pooling="avg"):
     shape = (spec.channels,) if pooling == "avg" else (spec.grid, spec.grid, spec.channels)
     source = "imagenet" if weights == "imagenet" else str(Path(weights).resolve())
     return {"encoder": name, "weights": source, "weights_id": weights_id, "image_size": spec.image_size,
-            "pooling": pooling or "none", "feature_shape": list(shape)}
+            "pooling": pooling or "none", "mirror": bool(mirror), "feature_shape": list(shape)}
 
 
 @dataclass
@@ -113,13 +128,23 @@ class Encoder:
     model: keras.Model
     preprocess: Callable
     weights: str = "none"  # "imagenet", the weights file's absolute path, or "none" (random)
+    mirror: bool = True  # average each photo's features with its left-right mirror image's
     _forward: Callable = field(init=False, repr=False)
 
     def __post_init__(self):
+        def forward(batch):
+            features = self.model(batch, training=False)
+            if not self.mirror:
+                return features
+            mirrored = self.model(tf.reverse(batch, axis=[2]), training=False)  # axis 2: image width
+            if len(features.shape) == 4:  # a grid: put each mirrored cell back in its place
+                mirrored = tf.reverse(mirrored, axis=[2])
+            return (features + mirrored) / 2.0
+
         # One traced graph for every batch size (the batch dimension is None),
         # instead of Keras's predict() machinery per call.
         signature = [tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)]
-        self._forward = tf.function(lambda batch: self.model(batch, training=False), input_signature=signature)
+        self._forward = tf.function(forward, input_signature=signature)
 
     def encode(self, images):
         """(N, S, S, 3) preprocessed float32 -> np.ndarray float32 (N, *feature_shape)."""
@@ -128,7 +153,7 @@ class Encoder:
     def settings(self):
         """The manifest fields that identify these features (see encoder_settings)."""
         return {"encoder": self.name, "weights": self.weights, "weights_id": self.weights_id, "image_size": self.image_size,
-                "pooling": self.pooling or "none", "feature_shape": list(self.feature_shape)}
+                "pooling": self.pooling or "none", "mirror": self.mirror, "feature_shape": list(self.feature_shape)}
 
 
 def _download_imagenet(build, name):
@@ -136,7 +161,10 @@ def _download_imagenet(build, name):
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        return build("imagenet")
+        with warnings.catch_warnings():
+            # MobileNetV2 at 320 px: Keras says it loads the 224 px weights, which is the plan.
+            warnings.filterwarnings("ignore", message="`input_shape` is undefined or non-square")
+            return build("imagenet")
     except Exception as error:  # Keras wraps network failures in a bare Exception
         text = str(error)
         if "URL fetch failure" not in text and not isinstance(error, (OSError, TimeoutError)):
@@ -150,9 +178,10 @@ def _download_imagenet(build, name):
         socket.setdefaulttimeout(previous)
 
 
-def build_encoder(name="inception_v3", weights="imagenet", pooling="avg"):
+def build_encoder(name="inception_v3", weights="imagenet", pooling="avg", mirror=True):
     """Build a headless ImageNet CNN: weights "imagenet" (Keras downloads them once into
     ~/.keras/models), the path of a local .weights.h5 file, or None (random, for tests).
+    mirror=True averages each photo's features with its mirror image's (see the top of this file).
 
     Taught in notebook 02.
     """
@@ -184,7 +213,8 @@ def build_encoder(name="inception_v3", weights="imagenet", pooling="avg"):
             raise ValueError(f"{path}: cannot load these weights into {name} (no top): {error}") from None
         weights_id, source = _file_id(path), str(path.resolve())
     return Encoder(weights=source, name=name, weights_id=weights_id, image_size=spec.image_size, pooling=pooling,
-                   feature_shape=tuple(model.output_shape[1:]), model=model, preprocess=module.preprocess_input)
+                   feature_shape=tuple(model.output_shape[1:]), model=model, preprocess=module.preprocess_input,
+                   mirror=bool(mirror))
 
 
 def encode_images(encoder, paths, batch_size=32):

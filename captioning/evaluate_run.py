@@ -63,22 +63,29 @@ def _features(captioner, df, images, dataset, cache_dir):
         print(f"caching {settings['encoder']} features into {folder} ({len(missing)} images of "
               "the split were not cached)", file=sys.stderr)
         cache_features(df[["image_id", "image_path"]], folder, encoder=settings["encoder"],
-                       weights=settings["weights"], pooling=settings.get("pooling"), progress=False)
+                       weights=settings["weights"], pooling=settings.get("pooling"),
+                       mirror=settings.get("mirror", False), progress=False)
         store = FeatureStore.open(folder)
-    _check_same_weights(store, settings, folder)
+    _check_same_encoder(store, settings, folder)
     skipped = [{"id": image_id, "path": path, "reason": reason}
                for image_id, path, reason in store.skipped if image_id in images]
     ids = [image_id for image_id in images if image_id in store]
     return ids, store.get_many(ids), skipped
 
 
-def _check_same_weights(store, settings, folder):
+def _check_same_encoder(store, settings, folder):
     """Features from other CNN weights than the bundle was trained on give fluent
-    nonsense, silently: refuse them."""
+    nonsense, silently: refuse them. Mirrored and plain features differ less, but
+    still differ from what the model learned on: refuse those too."""
     cached, trained = store.manifest.get("weights_id"), settings.get("weights_id")
     if cached and trained and cached != trained:
         raise ValueError(f"{folder}: features were cached with weights {cached!r} but the bundle was trained "
                          f"on features from {trained!r}; pass another --cache-dir or delete that cache")
+    cached, trained = bool(store.manifest.get("mirror", False)), bool(settings.get("mirror", False))
+    if cached != trained:
+        raise ValueError(f"{folder}: features were cached with mirror={cached} but the bundle was trained on "
+                         f"features with mirror={trained} (bundle.json field 'mirror'); pass another "
+                         "--cache-dir or delete that cache")
 
 
 def evaluate_bundle(bundle_dir, dataset, data_dir, split, *, beam_width=3, out_dir=None, cache_dir=None,

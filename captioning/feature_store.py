@@ -23,7 +23,7 @@ from captioning.fileio import atomic_path, read_json, write_json_atomic
 
 FORMAT_VERSION = 1
 DTYPE = "float16"  # half the disk and RAM of float32; far more precise than a captioner needs
-SETTINGS = ("encoder", "weights_id", "image_size", "pooling", "dtype", "feature_shape")
+SETTINGS = ("encoder", "weights_id", "image_size", "pooling", "mirror", "dtype", "feature_shape")
 
 
 @dataclass
@@ -109,7 +109,7 @@ class FeatureStore:
 
 
 def check_settings(found, wanted, where):
-    """Refuse features made by another encoder, other weights, size, pooling or dtype."""
+    """Refuse features made by another encoder, other weights, size, pooling, mirroring or dtype."""
     different = [f"{key}: cached {found.get(key)!r}, asked {wanted[key]!r}"
                  for key in SETTINGS if key in wanted and found.get(key) != wanted[key]]
     if different:

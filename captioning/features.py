@@ -160,25 +160,25 @@ def _resume(out_dir, job):
     return job
 
 
-def _encoder_settings(encoder, weights, pooling):
+def _encoder_settings(encoder, weights, pooling, mirror):
     """(settings, built encoder or None). Building is skipped when a name and weights identify it."""
     from captioning import encoders
 
     if isinstance(encoder, encoders.Encoder):
         return encoder.settings(), encoder
-    settings = encoders.encoder_settings(encoder, weights, pooling)
+    settings = encoders.encoder_settings(encoder, weights, pooling, mirror)
     if settings is not None:
         return settings, None
-    built = encoders.build_encoder(encoder, weights, pooling)  # random weights: only values identify them
+    built = encoders.build_encoder(encoder, weights, pooling, mirror)  # random weights: only values identify them
     return built.settings(), built
 
 
-def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet", pooling="avg",
+def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet", pooling="avg", mirror=True,
                    batch_size=32, shard=None, progress=True, chunk_size=None):
     """Encode every image once into the store at `out_dir`, resuming whatever is already there.
 
     `images`: a DataFrame with image_id/image_path columns or a dict id -> path.
-    `encoder`: a name (built with `weights` and `pooling`) or an Encoder already built.
+    `encoder`: a name (built with `weights`, `pooling` and `mirror`) or an Encoder already built.
     `shard=(i, n)`: only this machine's share, to be combined with merge_shards.
     Returns a CacheReport; read the store with FeatureStore.open(out_dir). Taught in notebook 02.
     """
@@ -191,7 +191,7 @@ def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet
         shard = [int(shard[0]), int(shard[1])]
         if not 0 <= shard[0] < shard[1]:
             raise ValueError(f"shard must be (i, n) with 0 <= i < n, not {tuple(shard)}")
-    settings, built = _encoder_settings(encoder, weights, pooling)
+    settings, built = _encoder_settings(encoder, weights, pooling, mirror)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _lock(out_dir):
@@ -209,7 +209,7 @@ def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet
         left = sum(len(chunks[number]) for number in todo)
         start, computed = time.perf_counter(), 0
         if todo:
-            built = built or encoders.build_encoder(encoder, weights, pooling)
+            built = built or encoders.build_encoder(encoder, weights, pooling, mirror)
             with tqdm(total=total, initial=total - left, unit="img", disable=not progress, smoothing=0.1) as bar:
                 for number in todo:
                     computed += _encode_chunk(built, chunks[number], job, _chunk_path(out_dir, number), bar)

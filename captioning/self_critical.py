@@ -21,6 +21,8 @@ An epoch is kept only if beam search on the validation images scores a
 better CIDEr-D than before; otherwise the best weights are restored at the end.
 """
 
+import contextlib
+
 import numpy as np
 
 from captioning.decoding import beam_search, sample_decode
@@ -106,6 +108,29 @@ def self_critical(model, vocab, train_features, train_references, val_features=N
     if len(train_features) != len(train_references):
         raise ValueError(f"{len(train_features)} training images but {len(train_references)} reference lists")
     decoder = make_step_decoder(model)
+    with _no_word_dropout(model):
+        return _fine_tune(model, decoder, vocab, train_features, train_references, val_features, val_references,
+                          epochs=epochs, samples=samples, learning_rate=learning_rate, batch_size=batch_size,
+                          patience=patience, beam_width=beam_width, length_alpha=length_alpha, seed=seed, log=log)
+
+
+@contextlib.contextmanager
+def _no_word_dropout(model):
+    """The gradient is meant for the words the model read while it sampled, so no
+    word dropout while fine-tuning (teacher forcing keeps it); the rate is put back after."""
+    layer = {layer.name: layer for layer in model.layers}.get("word_dropout")
+    rate = layer.rate if layer is not None else 0.0
+    if layer is not None:
+        layer.rate = 0.0  # before compile_captioner: fit() traces its training step once
+    try:
+        yield
+    finally:
+        if layer is not None:
+            layer.rate = rate
+
+
+def _fine_tune(model, decoder, vocab, train_features, train_references, val_features, val_references, *,
+               epochs, samples, learning_rate, batch_size, patience, beam_width, length_alpha, seed, log):
     compile_captioner(model, learning_rate=learning_rate)
     validating = val_features is not None and len(val_features) > 0
 

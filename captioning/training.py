@@ -26,23 +26,26 @@ PAD_ID = 0  # vocab.py puts <pad> at id 0
 
 # What a learner changes first. `cpu-small` trains the Flickr8k sample on a
 # laptop CPU in minutes; it is heavily regularised because 753 training
-# images are very few. Its values were tuned on the Flickr8k dev split: on
-# that little data label smoothing, a smaller (128) or a larger (512) model, a
-# hidden output layer, feature normalisation and min_count 3 or 8 all scored
-# lower; what helped was self-critical fine-tuning (+0.04 CIDEr), never
-# emitting <unk>, and length_alpha 1.0 for the fine-tuned model.
-# `gpu-full` is for COCO (~118k images).
+# images are very few. Its values were chosen by CIDEr on held-out images: the
+# dev split and 113 training images set aside (so that the number is not the
+# one early stopping picked), two seeds each. What helped: word dropout 0.35
+# (+0.02), self-critical fine-tuning (+0.01 to +0.03), never emitting <unk>,
+# length_alpha 1.0, and the encoder's 320 px mirrored features (encoders.py).
+# What did not: label smoothing, 128 or 512 units, a hidden output layer,
+# feature normalisation, min_count 3 or 8, the inject variants, and averaging
+# several seeds' models. Seeds alone move CIDEr by +-0.03 on 113 images.
+# `gpu-full` is for COCO (~118k images); its values are untested here.
 PRESETS = {
     "cpu-small": dict(embed_dim=256, units=256, rnn="lstm", dropout=0.5, merge_mode="add",
-                      batch_size=64, learning_rate=1e-3, epochs=30, patience=4, label_smoothing=0.0,
+                      word_dropout=0.35, batch_size=64, learning_rate=1e-3, epochs=30, patience=4, label_smoothing=0.0,
                       min_count=5, max_length=20, length_alpha=1.0, guidance=0.0,
                       self_critical_epochs=10, self_critical_learning_rate=5e-5),
     "gpu-full": dict(embed_dim=512, units=512, rnn="lstm", dropout=0.5, merge_mode="add",
-                     batch_size=256, learning_rate=5e-4, epochs=30, patience=3, label_smoothing=0.0,
+                     word_dropout=0.0, batch_size=256, learning_rate=5e-4, epochs=30, patience=3, label_smoothing=0.0,
                      min_count=5, max_length=20, length_alpha=0.7, guidance=0.0,
                      self_critical_epochs=10, self_critical_learning_rate=5e-5),
 }
-MODEL_KEYS = ("embed_dim", "units", "rnn", "dropout", "merge_mode")
+MODEL_KEYS = ("embed_dim", "units", "rnn", "dropout", "merge_mode", "word_dropout")
 
 
 def preset_settings(preset="cpu-small", **overrides):
@@ -309,6 +312,7 @@ def bundle_settings(arch, dataset, store, settings, metrics, **extra):
     manifest = store.manifest
     return {"arch": arch, "dataset": dataset, "encoder": manifest["encoder"], "weights": manifest["weights"],
             "weights_id": manifest["weights_id"], "pooling": manifest.get("pooling", "avg"),
+            "image_size": manifest.get("image_size"), "mirror": manifest.get("mirror", False),
             "training": settings, "metrics": metrics,
             "decoding": {"length_alpha": settings["length_alpha"], "guidance": settings["guidance"]},
             **extra}

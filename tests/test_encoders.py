@@ -31,7 +31,7 @@ def photos(flickr8k_dir):
 
 def test_settings_are_known_without_building_a_network(mobilenet_weights, tmp_path):
     settings = encoders.encoder_settings("mobilenet_v2", str(mobilenet_weights), pooling=None)
-    assert settings["image_size"] == 224 and settings["feature_shape"] == [7, 7, 1280]
+    assert settings["image_size"] == 320 and settings["feature_shape"] == [10, 10, 1280] and settings["mirror"]
     assert settings["weights_id"].startswith(mobilenet_weights.name + ":sha256:")
     assert encoders.encoder_settings("inception_v3", "imagenet")["feature_shape"] == [2048]
     # Same name, different bytes: a different identity, so a cache cannot mix them up.
@@ -111,19 +111,39 @@ def test_encode_images_on_real_photos_reports_bad_files(mobilenet, photos, tmp_p
     assert min(cosine(original, variant) for variant in variants) > closest_other
 
 
-def test_pipeline_matches_a_plain_keras_forward_pass(mobilenet, mobilenet_weights, photos):
+def test_pipeline_matches_a_plain_keras_forward_pass(mobilenet_weights, photos):
     """Our tf.data decode + resize + preprocess feeds the network what the plain recipe does
     (Pillow decoding, bilinear resize as in TF-slim's ImageNet training, Keras's preprocess_input),
     and clearly not what a forgotten preprocess_input would."""
     import keras
     import tensorflow as tf
     reference = keras.applications.MobileNetV2(include_top=False, weights=str(mobilenet_weights),
-                                               pooling="avg", input_shape=(224, 224, 3))
-    pixels = np.stack([tf.image.resize(np.asarray(Image.open(path).convert("RGB")), (224, 224)).numpy()
+                                               pooling="avg", input_shape=(320, 320, 3))
+    pixels = np.stack([tf.image.resize(np.asarray(Image.open(path).convert("RGB")), (320, 320)).numpy()
                        for path in photos[:3]])
     expected = reference.predict(keras.applications.mobilenet_v2.preprocess_input(pixels.copy()), verbose=0)
     unpreprocessed = reference.predict(pixels, verbose=0)
-    features, _, _ = encoders.encode_images(mobilenet, photos[:3], batch_size=3)
+    plain = encoders.build_encoder("mobilenet_v2", weights=str(mobilenet_weights), mirror=False)
+    features, _, _ = encoders.encode_images(plain, photos[:3], batch_size=3)
     for ours, theirs, wrong in zip(features, expected, unpreprocessed):
         assert cosine(ours, theirs) > 0.99
         assert cosine(ours, wrong) < cosine(ours, theirs) - 0.05
+
+
+def test_mirror_averages_each_photo_with_its_mirror_image(mobilenet_weights):
+    import dataclasses
+    plain = encoders.build_encoder("mobilenet_v2", weights=str(mobilenet_weights), pooling=None, mirror=False)
+    mirrored = dataclasses.replace(plain, mirror=True)  # the same network, mirroring on
+    assert (plain.settings()["mirror"], mirrored.settings()["mirror"]) == (False, True)
+    images = plain.preprocess(np.random.default_rng(1).uniform(0, 255, (2, 320, 320, 3)).astype(np.float32))
+    flipped = images[:, :, ::-1, :].copy()
+    # A grid's mirrored half is flipped back, so that cell (i, j) still describes one place.
+    expected = (plain.encode(images) + plain.encode(flipped)[:, :, ::-1, :]) / 2
+    np.testing.assert_allclose(mirrored.encode(images), expected, rtol=1e-4, atol=1e-5)
+    difference = np.abs(mirrored.encode(images) - plain.encode(images)).mean()
+    assert difference > 0.05 * np.abs(plain.encode(images)).mean()
+    # A photo and its mirror image get the same mirrored features (as vectors after pooling).
+    np.testing.assert_allclose(mirrored.encode(flipped).mean(axis=(1, 2)), mirrored.encode(images).mean(axis=(1, 2)),
+                               rtol=1e-4, atol=1e-5)
+    assert encoders.build_encoder("mobilenet_v2", weights=None).mirror  # on by default
+    assert encoders.encoder_settings("inception_v3", "imagenet", mirror=False)["mirror"] is False

@@ -113,6 +113,8 @@ def test_stale_cache_is_refused_and_left_alone(photos, mobilenet, mobilenet_weig
         cache_features(few, tmp_path / "cache", encoder="inception_v3", weights="imagenet")
     with pytest.raises(ValueError, match="pooling: cached 'avg', asked 'none'"):
         cache_features(few, tmp_path / "cache", encoder="mobilenet_v2", weights=str(mobilenet_weights), pooling=None)
+    with pytest.raises(ValueError, match="mirror: cached True, asked False"):
+        cache_features(few, tmp_path / "cache", encoder="mobilenet_v2", weights=str(mobilenet_weights), mirror=False)
     with pytest.raises(ValueError, match="stale feature cache"):
         FeatureStore.open(tmp_path / "cache", expect=encoders.encoder_settings("inception_v3", "imagenet"))
     assert folder_bytes(tmp_path / "cache") == before

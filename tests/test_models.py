@@ -124,3 +124,39 @@ def test_a_model_from_elsewhere_is_refused():
     other = keras.Model(inputs, keras.layers.Dense(2)(inputs), name="classifier")
     with pytest.raises(ValueError, match="build_captioner"):
         make_step_decoder(other)
+
+
+def test_word_dropout_hides_words_only_while_training():
+    from captioning.models import START_ID, UNK_ID, WordDropout
+    words = np.random.default_rng(0).integers(4, VOCAB, size=(400, LENGTH + 1)).astype("int32")
+    words[:, 0] = START_ID
+    layer = WordDropout(0.35, seed=3)
+    dropped = np.asarray(layer(words, training=True))
+    hidden = dropped != words
+    assert (dropped[hidden] == UNK_ID).all() and not hidden[:, 0].any()  # <start> is never hidden
+    assert 0.30 < hidden[:, 1:].mean() < 0.40
+    np.testing.assert_array_equal(np.asarray(layer(words, training=False)), words)
+    with pytest.raises(ValueError, match="word_dropout"):
+        WordDropout(1.0)
+
+
+@pytest.mark.parametrize("arch", ["merge", "attention"])
+def test_word_dropout_changes_training_not_decoding(arch, tmp_path):
+    keras.utils.set_random_seed(2)
+    grid = (2, 2) if arch == "attention" else ()
+    model = build_captioner(arch, vocab_size=VOCAB, feature_dim=FEATURES, max_length=LENGTH, embed_dim=6, units=8,
+                            dropout=0.0, word_dropout=0.5, grid_shape=grid)
+    features, words = random_batch()
+    features = np.repeat(features[:, None, None, :], 4, axis=1).reshape(4, 2, 2, FEATURES) if grid else features
+    inputs = {"image": features, "words": words}
+    np.testing.assert_allclose(model(inputs, training=False), model(inputs, training=False))
+    assert not np.allclose(model(inputs, training=True), model(inputs, training=False), atol=1e-6)
+    # It survives saving, and the reloaded model's step decoder ignores it.
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras")
+    assert again.get_layer("word_dropout").rate == 0.5
+    np.testing.assert_allclose(again(inputs, training=False), model(inputs, training=False), rtol=1e-5, atol=1e-6)
+    decoder = make_step_decoder(again)
+    log_probs, _ = decoder.step(words[:, 0], decoder.initial_state(features), features)
+    np.testing.assert_allclose(log_probs, keras.ops.log_softmax(model(inputs, training=False)[:, 0]),
+                               rtol=1e-4, atol=1e-5)
