@@ -40,11 +40,13 @@ def _assert_taught(notebook):
 
 
 @pytest.fixture(scope="module")
-def flickr8k_parameters(flickr8k_dir, mobilenet_weights, tmp_path_factory):
+def flickr8k_parameters(flickr8k_dir, mobilenet_weights, flickr8k_work_dir):
+    # The work folder the CLI tests use: notebook 02 and 06 then find the feature caches
+    # that `train` filled (320 px mirrored features take a minute per cache here).
     return {
         "dataset": "flickr8k",
         "data_dir": str(flickr8k_dir),
-        "work_dir": str(tmp_path_factory.mktemp("notebook-work")),
+        "work_dir": str(flickr8k_work_dir),
         "encoder": "mobilenet_v2",
         "weights": str(mobilenet_weights),
         "download": False,
