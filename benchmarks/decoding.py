@@ -15,7 +15,8 @@ same image features, and must return identical captions:
 
 The loop is slow, so it captions only the first --loop-images of the images;
 its rate is compared with the batched rate on all of them (and, for the
-record, on the same few). Goals (issue 5): >= 50x, and >= 50 captions/s for
+record, on the same few). It also times the repeat ban (no_repeat_ngram=2)
+against plain beam search. Goals (issue 5): >= 50x, and >= 50 captions/s for
 the default model size on a 2-core CPU. The last line is `name: value`.
 """
 
@@ -111,8 +112,9 @@ def per_image_beam_search(model, feature, max_length, beam_width=BEAM, alpha=DEF
     return finished[0][2]
 
 
-def batched(decoder, features, max_length):
-    results = beam_search(decoder, features, start_id=START, end_id=END, max_length=max_length, beam_width=BEAM)
+def batched(decoder, features, max_length, **options):
+    results = beam_search(decoder, features, start_id=START, end_id=END, max_length=max_length, beam_width=BEAM,
+                          **options)
     return [image[0].ids for image in results]
 
 
@@ -156,6 +158,16 @@ def main(argv=None):
     print(f"batched beam-{BEAM}, {len(few)} images:  {batched_few_rate:8.1f} captions/s")
     print(f"per-image loop, {len(few)} images:       {loop_rate:8.2f} captions/s")
     print(f"speed-up on the same {len(few)} images: {batched_few_rate / loop_rate:.0f}x")
+    # The cost of the repeat ban (no_repeat_ngram=2, the cpu-small preset's): both
+    # ways alternately, three times each, on all the images; medians compared.
+    seconds = {0: [], 2: []}
+    for _ in range(3):
+        for n in seconds:
+            start = time.perf_counter()
+            batched(decoder, features, max_length, no_repeat_ngram=n)
+            seconds[n].append(time.perf_counter() - start)
+    print(f"no_repeat_ngram=2 costs {np.median(seconds[2]) / np.median(seconds[0]):.2f}x the time of no ban "
+          f"(medians of 3: {np.median(seconds[2]):.2f} s vs {np.median(seconds[0]):.2f} s)")
     if same != len(few) or fast_few != fast[: len(few)]:
         print("error: the two decoders disagree", file=sys.stderr)
         return 1

@@ -133,7 +133,9 @@ class Captioner:
     def caption_ids(self, features, beam_width=3, return_attention=False, **decode_options):
         """Word ids (no specials) of the best caption for each feature row.
 
-        Options default to bundle.json's "decoding" field. allow_unknown=False
+        Options default to bundle.json's "decoding" field (length_alpha and
+        no_repeat_ngram go to beam search; greedy, beam_width=1, takes neither;
+        guidance goes to both). allow_unknown=False
         (the default) never lets a caption contain <unk>: it is a placeholder
         for rare words, not something to show a reader. guidance=g > 0 decodes
         with (1 + g) * log p(word | image) - g * log p(word | no image) (see

@@ -193,9 +193,26 @@ def _top_candidates(total, how_many):
     return np.take_along_axis(top, order, axis=1)
 
 
+def _ban_repeats(total, beam_words, n):
+    """Set to -inf, in place, the score of every word that would complete an
+    n-gram its beam already contains. total: (images, k, vocabulary);
+    beam_words: (images, k, words so far)."""
+    length = beam_words.shape[2]
+    if length == 0 or (n > 1 and length < n):  # too few words to repeat an n-gram
+        return
+    # Every earlier window of n - 1 words that equals the last n - 1 words bans
+    # the word that followed it. For n = 1 the window is empty and every word
+    # used so far is banned.
+    context = beam_words[:, :, length - (n - 1):]                                   # (images, k, n - 1)
+    windows = np.lib.stride_tricks.sliding_window_view(beam_words[:, :, :length - 1], n - 1, axis=2) \
+        if n > 1 else np.zeros(beam_words.shape + (0,), dtype=beam_words.dtype)    # (images, k, W, n - 1)
+    images, beams, positions = np.nonzero((windows == context[:, :, None, :]).all(axis=3))
+    total[images, beams, beam_words[images, beams, positions + n - 1]] = -np.inf
+
+
 def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3,
                 length_alpha=DEFAULT_LENGTH_ALPHA, n_best=1, pad_id=DEFAULT_PAD_ID, banned_ids=(),
-                return_attention=False):
+                return_attention=False, no_repeat_ngram=0):
     """Caption each image with beam search; return its `n_best` hypotheses, best first (notebook 04).
 
     At every step each of the k live partial captions ("beams") is extended
@@ -214,6 +231,12 @@ def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3
     With k so large that nothing is ever pruned it is exhaustive, for any
     alpha (tests/test_decoding.py checks exactly that).
 
+    no_repeat_ngram=n > 0 never lets a caption contain the same n words twice
+    in a row ("a man in a blue shirt and a blue shirt" is out with n = 2 or 3):
+    a small model's beam search likes to loop on a phrase it is sure of, and
+    both readers and CIDEr-D dislike it. n = 1 forbids any repeated word; 0
+    (the default) allows everything.
+
     Returns, per image, a list of `Hypothesis` sorted by score, best first.
     With return_attention=True each also has `.attention`, one row of grid
     weights per word, carried along each beam's ancestry (notebook 06).
@@ -226,6 +249,9 @@ def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3
         raise ValueError(f"n_best must be between 1 and beam_width ({beam_width}), got {n_best}")
     if length_alpha < 0:
         raise ValueError(f"length_alpha must be >= 0, got {length_alpha}")
+    if int(no_repeat_ngram) < 0:
+        raise ValueError(f"no_repeat_ngram must be >= 0 (0 = allow repeats), got {no_repeat_ngram}")
+    no_repeat_ngram = int(no_repeat_ngram)
     count, k = len(features), beam_width
     if count == 0:
         return []
@@ -254,6 +280,8 @@ def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3
             if beam_attention is None:
                 beam_attention = np.zeros((count, k, 0, weights.shape[2]), dtype=np.float32)
         total = beam_log_probs[:, :, None] + log_probs.reshape(count, k, vocab_size)
+        if no_repeat_ngram:
+            _ban_repeats(total, beam_words, no_repeat_ngram)
         total[done] = -np.inf  # done images take no further part
         # The best 2k candidates: at most k of them end (one per beam), so at
         # least k remain to continue.

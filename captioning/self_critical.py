@@ -69,13 +69,15 @@ def _captions(vocab, rows):
     return [" ".join(vocab.words[i] for i in ids) for ids in rows]
 
 
-def validation_cider(decoder, vocab, features, references, *, beam_width=3, length_alpha=0.7, chunk=128):
-    """Mean CIDEr-D of beam-search captions: what the fine-tuning keeps or rejects an epoch on."""
+def validation_cider(decoder, vocab, features, references, *, chunk=128, **beam_options):
+    """Mean CIDEr-D of beam-search captions: what the fine-tuning keeps or rejects an epoch on.
+    beam_options (beam_width, length_alpha, no_repeat_ngram) go to beam_search: pass those the
+    captions will be written with, so that the epoch kept is the best for them."""
     rows = []
     for first in range(0, len(features), chunk):
         results = beam_search(decoder, np.asarray(features[first:first + chunk], dtype=np.float32),
                               start_id=vocab.start_id, end_id=vocab.end_id, max_length=vocab.max_length,
-                              beam_width=beam_width, length_alpha=length_alpha, banned_ids=[vocab.unk_id])
+                              banned_ids=[vocab.unk_id], **beam_options)
         rows += [hypotheses[0].ids for hypotheses in results]
     return float(cider_d(references, _captions(vocab, rows)).mean())
 
@@ -93,7 +95,7 @@ def _sample(decoder, vocab, features, samples, seed, chunk=128):
 
 def self_critical(model, vocab, train_features, train_references, val_features=None, val_references=None, *,
                   epochs=10, samples=5, learning_rate=5e-5, batch_size=64, patience=None, beam_width=3,
-                  length_alpha=0.7, seed=0, log=print):
+                  length_alpha=0.7, no_repeat_ngram=0, seed=0, log=print):
     """Fine-tune a teacher-forced caption model on CIDEr-D (notebook 03); returns a history list.
 
     train_features: one row per image; train_references: the cleaned human
@@ -107,11 +109,11 @@ def self_critical(model, vocab, train_features, train_references, val_features=N
         raise ValueError(f"samples must be at least 2 (the baseline is the other samples' mean), got {samples}")
     if len(train_features) != len(train_references):
         raise ValueError(f"{len(train_features)} training images but {len(train_references)} reference lists")
-    decoder = make_step_decoder(model)
+    beam_options = dict(beam_width=beam_width, length_alpha=length_alpha, no_repeat_ngram=no_repeat_ngram)
     with _no_word_dropout(model):
-        return _fine_tune(model, decoder, vocab, train_features, train_references, val_features, val_references,
+        return _fine_tune(model, vocab, train_features, train_references, val_features, val_references, beam_options,
                           epochs=epochs, samples=samples, learning_rate=learning_rate, batch_size=batch_size,
-                          patience=patience, beam_width=beam_width, length_alpha=length_alpha, seed=seed, log=log)
+                          patience=patience, seed=seed, log=log)
 
 
 @contextlib.contextmanager
@@ -129,14 +131,14 @@ def _no_word_dropout(model):
             layer.rate = rate
 
 
-def _fine_tune(model, decoder, vocab, train_features, train_references, val_features, val_references, *,
-               epochs, samples, learning_rate, batch_size, patience, beam_width, length_alpha, seed, log):
+def _fine_tune(model, vocab, train_features, train_references, val_features, val_references, beam_options, *,
+               epochs, samples, learning_rate, batch_size, patience, seed, log):
+    decoder = make_step_decoder(model)
     compile_captioner(model, learning_rate=learning_rate)
     validating = val_features is not None and len(val_features) > 0
 
     def score():
-        return validation_cider(decoder, vocab, val_features, val_references, beam_width=beam_width,
-                                length_alpha=length_alpha)
+        return validation_cider(decoder, vocab, val_features, val_references, **beam_options)
 
     best = score() if validating else -np.inf
     best_weights, waited, history = model.get_weights(), 0, []

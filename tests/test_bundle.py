@@ -117,6 +117,7 @@ def test_train_cli_writes_a_bundle_that_captions_images(flickr8k_bundle, flickr8
     assert settings["train_splits"] == ["train"] and settings["validation_splits"] == ["dev"]
     assert settings["metrics"]["epochs_run"] == 3 and settings["weights_id"].startswith("mobilenet_v2")
     assert 1 <= len(settings["metrics"]["self_critical"]) <= 3  # --epochs caps the fine-tuning too
+    assert settings["decoding"]["no_repeat_ngram"] == 2  # the preset's, used by `caption` and `evaluate`
     history = (flickr8k_bundle / "training" / "history.csv").read_text().splitlines()
     assert len(history) == 4 and "val_loss" in history[0]
     images = sorted((flickr8k_dir / "images").glob("*.jpg"))[:2]
@@ -180,3 +181,31 @@ def test_guidance_favours_the_words_the_image_makes_more_likely(bundle_dir):
     # (1 + 1) * -0.5 - 1 * -0.1 = -0.9 for dog, (1 + 1) * -1.0 - 1 * -3.0 = +1.0 for car
     assert captioner.caption_features(features, beam_width=1, guidance=1.0) == ["car", "car"]
     assert captioner.caption_features(features, beam_width=3, guidance=1.0) == ["car", "car"]
+
+
+class SaysDogTwice:
+    """A stand-in decoder: 'dog' is the likeliest first and second word ('car' the runner-up), then <end>."""
+
+    def __init__(self, vocab):
+        self.vocab, self.vocab_size = vocab, len(vocab)
+
+    def initial_state(self, features):
+        return [np.zeros((len(features), 1), dtype="float32")]
+
+    def step(self, words, states, features):
+        log_probs = np.full((len(words), self.vocab_size), -20.0, dtype="float32")
+        talking = states[0][:, 0] < 2
+        log_probs[talking, self.vocab.words.index("dog")] = -0.1
+        log_probs[talking, self.vocab.words.index("car")] = -2.5
+        log_probs[~talking, self.vocab.end_id] = 0.0
+        return log_probs, [states[0] + 1]
+
+
+def test_the_bundles_decoding_settings_are_used_and_can_be_overridden(trained, tmp_path):
+    model, vocab = trained
+    settings = dict(SETTINGS, decoding={"length_alpha": 1.0, "no_repeat_ngram": 1})
+    captioner = Captioner.load(save_bundle(tmp_path / "bundle", model, vocab, settings))
+    captioner.decoder = SaysDogTwice(captioner.vocab)
+    features = np.zeros((2, FEATURE_DIM), dtype="float32")
+    assert captioner.caption_features(features, beam_width=3) == ["dog car", "dog car"]
+    assert captioner.caption_features(features, beam_width=3, no_repeat_ngram=0) == ["dog dog", "dog dog"]

@@ -140,6 +140,50 @@ def test_beam_search_matches_exhaustive_enumeration(features, content_words, max
             assert [hypothesis.score for hypothesis in hypotheses] == pytest.approx([s for s, _ in best], abs=1e-5)
 
 
+def repeats_an_ngram(ids, n):
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeat_ngram_is_exhaustive_search_over_the_allowed_captions(features, n):
+    """The same exhaustive check, restricted to the captions without a repeated n-gram:
+    banning repeats must remove exactly those, and not disturb the ranking of the rest."""
+    words, max_length, beam_width, alpha = range(3, 5), 4, 12, 0.7
+    for seed in range(3):
+        decoder = TinyRNN(vocab_size=5, seed=seed, sharpness=1.0)
+        results = beam_search(decoder, features, start_id=START, end_id=END, max_length=max_length,
+                              beam_width=beam_width, length_alpha=alpha, n_best=4, no_repeat_ngram=n)
+        for feature, hypotheses in zip(features, results):
+            scored = sorted(((length_normalised(sequence_log_prob(decoder, feature, ids, max_length),
+                                                number_of_tokens(ids, max_length), alpha), ids)
+                             for ids in all_captions(words, max_length) if not repeats_an_ngram(ids, n)),
+                            key=lambda item: -item[0])
+            assert [hypothesis.ids for hypothesis in hypotheses] == [ids for _, ids in scored[:4]]
+
+
+def test_no_repeat_ngram_stops_a_model_that_loops(features):
+    # A model that strongly prefers to say word 3 then 4 then 3 then 4 ...
+    decoder = TinyRNN(vocab_size=8, seed=9, sharpness=0.3)
+    loop = decoder.step
+    def looping_step(words, states, features):
+        log_probs, states = loop(words, states, features)
+        favourite = np.where(words == 3, 4, 3)
+        log_probs = log_probs.copy()
+        log_probs[np.arange(len(words)), favourite] += 5.0
+        log_probs[:, END] -= 5.0
+        return log_softmax(log_probs), states
+    decoder.step = looping_step
+    options = dict(start_id=START, end_id=END, max_length=8, beam_width=3, n_best=3)
+    plain = [h.ids for image in beam_search(decoder, features, **options) for h in image]
+    assert all(repeats_an_ngram(ids, 2) for ids in plain), "the model must loop for this test to mean anything"
+    for n in (1, 2, 3):
+        for image in beam_search(decoder, features, no_repeat_ngram=n, **options):
+            assert all(not repeats_an_ngram(h.ids, n) for h in image)
+    with pytest.raises(ValueError, match="no_repeat_ngram"):
+        beam_search(decoder, features, no_repeat_ngram=-1, **options)
+
+
 def test_length_normalisation_changes_the_winner(features):
     """Without normalisation, beam search favours short captions; a larger alpha lengthens them.
     (Guards against an alpha that is accepted but ignored.)"""
