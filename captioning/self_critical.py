@@ -17,10 +17,19 @@ mean score of the other samples of the same image (the baseline of Luo, 2020,
 "A better variant of self-critical sequence training"). So the full-sequence
 model, its masked loss and fit() are reused as they are, with sample weights.
 
-An epoch is kept only if beam search on the validation images scores a
-better CIDEr-D than before; otherwise the best weights are restored at the end.
+Which weights to keep. Each epoch's captions are sampled, so the weights
+wander from epoch to epoch, and the validation score with them. Keeping the
+epoch that scored best on a hundred validation images keeps mostly luck. With
+`average_last=K` the model ends with the *mean* of the last K epochs' weights
+instead (all of them start from the same teacher-forced model and move little,
+so their mean is a model of the same basin, smoother than any one of them:
+Izmailov et al. 2018, "Averaging weights leads to wider optima"). Validation
+then only guards against a fine-tuning that made things worse: the starting
+weights are kept if the mean scores below them. Without averaging, the epoch
+with the best validation CIDEr-D is kept.
 """
 
+import collections
 import contextlib
 
 import numpy as np
@@ -95,7 +104,7 @@ def _sample(decoder, vocab, features, samples, seed, chunk=128):
 
 def self_critical(model, vocab, train_features, train_references, val_features=None, val_references=None, *,
                   epochs=10, samples=5, learning_rate=5e-5, batch_size=64, patience=None, beam_width=3,
-                  length_alpha=0.7, no_repeat_ngram=0, seed=0, log=print):
+                  length_alpha=0.7, no_repeat_ngram=0, average_last=0, seed=0, log=print):
     """Fine-tune a teacher-forced caption model on CIDEr-D (notebook 03); returns a history list.
 
     train_features: one row per image; train_references: the cleaned human
@@ -103,17 +112,21 @@ def self_critical(model, vocab, train_features, train_references, val_features=N
     the weights of the best validation epoch (the starting ones included) are
     kept, and `patience` epochs without a better one stop early. The default,
     None, runs every epoch: the first ones often score lower on validation
-    while the captions change style, before they score higher.
+    while the captions change style, before they score higher. average_last=K
+    keeps the mean weights of the last K epochs instead (see the module's
+    docstring), or the starting ones if they score better on validation.
     """
     if samples < 2:
         raise ValueError(f"samples must be at least 2 (the baseline is the other samples' mean), got {samples}")
     if len(train_features) != len(train_references):
         raise ValueError(f"{len(train_features)} training images but {len(train_references)} reference lists")
+    if int(average_last) < 0:
+        raise ValueError(f"average_last must be >= 0 (0 = keep the best epoch), got {average_last}")
     beam_options = dict(beam_width=beam_width, length_alpha=length_alpha, no_repeat_ngram=no_repeat_ngram)
     with _no_word_dropout(model):
         return _fine_tune(model, vocab, train_features, train_references, val_features, val_references, beam_options,
                           epochs=epochs, samples=samples, learning_rate=learning_rate, batch_size=batch_size,
-                          patience=patience, seed=seed, log=log)
+                          patience=patience, average_last=int(average_last), seed=seed, log=log)
 
 
 @contextlib.contextmanager
@@ -132,7 +145,7 @@ def _no_word_dropout(model):
 
 
 def _fine_tune(model, vocab, train_features, train_references, val_features, val_references, beam_options, *,
-               epochs, samples, learning_rate, batch_size, patience, seed, log):
+               epochs, samples, learning_rate, batch_size, patience, average_last, seed, log):
     decoder = make_step_decoder(model)
     compile_captioner(model, learning_rate=learning_rate)
     validating = val_features is not None and len(val_features) > 0
@@ -140,8 +153,9 @@ def _fine_tune(model, vocab, train_features, train_references, val_features, val
     def score():
         return validation_cider(decoder, vocab, val_features, val_references, **beam_options)
 
-    best = score() if validating else -np.inf
-    best_weights, waited, history = model.get_weights(), 0, []
+    best = start = score() if validating else -np.inf
+    best_weights = start_weights = model.get_weights()
+    waited, history, recent = 0, [], collections.deque(maxlen=max(average_last, 1))
     if validating:
         log(f"self-critical: validation CIDEr-D {best:.4f} before fine-tuning")
     image_rows = np.repeat(np.arange(len(train_features)), samples)
@@ -156,6 +170,7 @@ def _fine_tune(model, vocab, train_features, train_references, val_features, val
         data = make_dataset(train_features, image_rows, _encode(vocab, rows), batch_size=batch_size,
                             seed=seed + epoch, weights=advantage)
         model.fit(data, epochs=1, verbose=0, shuffle=False)
+        recent.append(model.get_weights())
 
         record = {"epoch": epoch + 1, "sample_cider": round(float(rewards.mean()), 4)}
         if validating:
@@ -168,6 +183,23 @@ def _fine_tune(model, vocab, train_features, train_references, val_features, val
         log(f"self-critical epoch {epoch + 1}: {record}")
         if validating and patience is not None and waited >= patience:
             break
-    if validating:
+    if average_last and history:
+        _keep_the_mean(model, recent, start_weights, start, score if validating else None, history, log)
+    elif validating:
         model.set_weights(best_weights)
     return history
+
+
+def _keep_the_mean(model, recent, start_weights, start, score, history, log):
+    """Set the model to the mean of the `recent` weights; with validation, keep the starting
+    weights instead if the mean scores below them. Adds a record to `history`."""
+    model.set_weights([np.mean(arrays, axis=0) for arrays in zip(*recent)])
+    last = history[-1]["epoch"]
+    record = {"epoch": f"mean of {last - len(recent) + 1}-{last}"}
+    if score is not None:
+        record["val_cider"] = round(score(), 4)
+        if record["val_cider"] < start:
+            model.set_weights(start_weights)
+            record["kept"] = "the starting weights"
+    history.append(record)
+    log(f"self-critical: {record}")

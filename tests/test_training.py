@@ -290,3 +290,44 @@ def test_self_critical_raises_the_cider_of_its_own_samples():
     final = validation_cider(make_step_decoder(model), vocab, val_features, [[c] for c in val_captions])
     assert final == pytest.approx(max(record["val_cider"] for record in history), abs=1e-3) or \
         final >= max(record["val_cider"] for record in history)
+
+
+def _half_trained_with_snapshots(vocab):
+    """A barely trained tiny model whose fit() keeps a copy of the weights after every call."""
+    keras.utils.set_random_seed(0)
+    train, _, _ = synthetic_data(vocab, 120, seed=1)
+    model = tiny_model("merge", vocab)
+    fit_captioner(model, train, epochs=2, learning_rate=1e-2, verbose=0)
+    snapshots, fit = [], model.fit
+
+    def fit_and_keep(*args, **kwargs):
+        result = fit(*args, **kwargs)
+        snapshots.append([weight.copy() for weight in model.get_weights()])
+        return result
+    model.fit = fit_and_keep
+    return model, snapshots
+
+
+@pytest.mark.parametrize("learning_rate", [3e-3, 3.0])
+def test_self_critical_can_keep_the_mean_of_the_last_epochs(learning_rate):
+    """average_last=2 ends with the mean weights of the last two epochs; a fine-tuning so
+    violent (learning rate 3) that the mean scores below the start keeps the starting weights."""
+    vocab = synthetic_vocab()
+    model, snapshots = _half_trained_with_snapshots(vocab)
+    start = [weight.copy() for weight in model.get_weights()]
+    features, captions = synthetic_captions(40, seed=3)
+    val_features, val_captions = synthetic_captions(20, seed=2)
+    history = self_critical(model, vocab, features, [[caption] for caption in captions], val_features,
+                            [[caption] for caption in val_captions], epochs=3, samples=4,
+                            learning_rate=learning_rate, average_last=2, log=lambda *args: None)
+    assert [record["epoch"] for record in history] == [1, 2, 3, "mean of 2-3"] and len(snapshots) == 3
+    mean = [(a + b) / 2 for a, b in zip(*snapshots[1:])]
+    expected = start if history[-1].get("kept") else mean
+    for kept, wanted in zip(model.get_weights(), expected):
+        np.testing.assert_allclose(kept, wanted, rtol=1e-6, atol=1e-7)
+    final = validation_cider(make_step_decoder(model), vocab, val_features, [[c] for c in val_captions])
+    assert final == pytest.approx(history[-1]["val_cider"], abs=1e-3) or history[-1].get("kept")
+    if learning_rate > 1:
+        assert history[-1]["kept"] == "the starting weights", history
+    else:
+        assert "kept" not in history[-1], history
