@@ -128,8 +128,9 @@ def test_train_cli_writes_a_bundle_that_captions_images(flickr8k_bundle, flickr8
     assert all(isinstance(caption, str) and caption for caption in captions[:2])
 
 
-class PrefersUnknown:
-    """A stand-in decoder: first word <unk> (else 'dog'), then <end>."""
+class StandIn:
+    """A stand-in decoder: every word has log-probability -20 unless `fill` says otherwise.
+    Its state counts the words read so far; `fill(log_probs, position, features)` sets the rest."""
 
     def __init__(self, vocab):
         self.vocab, self.vocab_size = vocab, len(vocab)
@@ -139,11 +140,18 @@ class PrefersUnknown:
 
     def step(self, words, states, features):
         log_probs = np.full((len(words), self.vocab_size), -20.0, dtype="float32")
-        first = states[0][:, 0] == 0
+        self.fill(log_probs, states[0][:, 0], features)
+        return log_probs, [states[0] + 1]
+
+
+class PrefersUnknown(StandIn):
+    """First word <unk> (else 'dog'), then <end>."""
+
+    def fill(self, log_probs, position, features):
+        first = position == 0
         log_probs[first, self.vocab.unk_id] = -0.1
         log_probs[first, self.vocab.words.index("dog")] = -2.5
         log_probs[~first, self.vocab.end_id] = 0.0
-        return log_probs, [states[0] + 1]
 
 
 @pytest.mark.parametrize("beam_width", [1, 3])
@@ -155,24 +163,16 @@ def test_captions_never_contain_unk_unless_asked(bundle_dir, beam_width):
     assert captioner.caption_features(features, beam_width=beam_width, allow_unknown=True) == ["<unk>", "<unk>"]
 
 
-class ImageOrPrior:
-    """A stand-in decoder: with an image it slightly prefers 'dog' over 'car'; with the all-zero
-    image (the language prior) it strongly prefers 'dog'. Then <end>."""
+class ImageOrPrior(StandIn):
+    """With an image it slightly prefers 'dog' over 'car'; with the all-zero image (the
+    language prior) it strongly prefers 'dog'. Then <end>."""
 
-    def __init__(self, vocab):
-        self.vocab, self.vocab_size = vocab, len(vocab)
-
-    def initial_state(self, features):
-        return [np.zeros((len(features), 1), dtype="float32")]
-
-    def step(self, words, states, features):
-        log_probs = np.full((len(words), self.vocab_size), -20.0, dtype="float32")
-        first, seen = states[0][:, 0] == 0, np.abs(features).sum(axis=1) > 0
+    def fill(self, log_probs, position, features):
+        first, seen = position == 0, np.abs(features).sum(axis=1) > 0
         dog, car = self.vocab.words.index("dog"), self.vocab.words.index("car")
         log_probs[first, dog] = np.where(seen, -0.5, -0.1)[first]
         log_probs[first, car] = np.where(seen, -1.0, -3.0)[first]
         log_probs[~first, self.vocab.end_id] = 0.0
-        return log_probs, [states[0] + 1]
 
 
 def test_guidance_favours_the_words_the_image_makes_more_likely(bundle_dir):
@@ -185,22 +185,14 @@ def test_guidance_favours_the_words_the_image_makes_more_likely(bundle_dir):
     assert captioner.caption_features(features, beam_width=3, guidance=1.0) == ["car", "car"]
 
 
-class SaysDogTwice:
-    """A stand-in decoder: 'dog' is the likeliest first and second word ('car' the runner-up), then <end>."""
+class SaysDogTwice(StandIn):
+    """'dog' is the likeliest first and second word ('car' the runner-up), then <end>."""
 
-    def __init__(self, vocab):
-        self.vocab, self.vocab_size = vocab, len(vocab)
-
-    def initial_state(self, features):
-        return [np.zeros((len(features), 1), dtype="float32")]
-
-    def step(self, words, states, features):
-        log_probs = np.full((len(words), self.vocab_size), -20.0, dtype="float32")
-        talking = states[0][:, 0] < 2
+    def fill(self, log_probs, position, features):
+        talking = position < 2
         log_probs[talking, self.vocab.words.index("dog")] = -0.1
         log_probs[talking, self.vocab.words.index("car")] = -2.5
         log_probs[~talking, self.vocab.end_id] = 0.0
-        return log_probs, [states[0] + 1]
 
 
 def test_the_bundles_decoding_settings_are_used_and_can_be_overridden(trained, tmp_path):
