@@ -155,7 +155,7 @@ def _fine_tune(model, vocab, train_features, train_references, val_features, val
 
     best = start = score() if validating else -np.inf
     best_weights = start_weights = model.get_weights()
-    waited, history, recent = 0, [], collections.deque(maxlen=max(average_last, 1))
+    waited, history, recent = 0, [], collections.deque(maxlen=average_last or None)
     if validating:
         log(f"self-critical: validation CIDEr-D {best:.4f} before fine-tuning")
     image_rows = np.repeat(np.arange(len(train_features)), samples)
@@ -170,7 +170,8 @@ def _fine_tune(model, vocab, train_features, train_references, val_features, val
         data = make_dataset(train_features, image_rows, _encode(vocab, rows), batch_size=batch_size,
                             seed=seed + epoch, weights=advantage)
         model.fit(data, epochs=1, verbose=0, shuffle=False)
-        recent.append(model.get_weights())
+        if average_last:
+            recent.append(model.get_weights())
 
         record = {"epoch": epoch + 1, "sample_cider": round(float(rewards.mean()), 4)}
         if validating:
