@@ -61,6 +61,8 @@ def build_parser():
     train.add_argument("--out", required=True, help="bundle folder to write")
     train.add_argument("--epochs", type=int, default=None, help="default: the preset's")
     train.add_argument("--preset", choices=("cpu-small", "gpu-full"), default="cpu-small")
+    train.add_argument("--self-critical-epochs", type=int, default=None,
+                       help="CIDEr-D fine-tuning after teacher forcing (default: the preset's; 0 = none)")
     train.add_argument("--cache-dir", default=None,
                        help="where prepared data and features are cached (default: data/work)")
     train.add_argument("--karpathy-split", default=None, help="COCO only: path of Karpathy's dataset_coco.json")
@@ -149,6 +151,8 @@ def cmd_features(args):
 
 
 def cmd_train(args):
+    if args.self_critical_epochs is not None and args.self_critical_epochs < 0:
+        raise ValueError(f"--self-critical-epochs must be 0 or more, not {args.self_critical_epochs}")
     from captioning.training import train_pipeline
 
     strategy = None
@@ -163,6 +167,7 @@ def cmd_train(args):
         args.dataset, args.data_dir, encoder=args.encoder, weights=args.weights, arch=args.arch,
         out_dir=args.out, epochs=args.epochs, preset=args.preset, cache_dir=args.cache_dir,
         karpathy_split=args.karpathy_split, seed=args.seed, strategy=strategy,
+        self_critical_epochs=args.self_critical_epochs,
     )
     print(f"bundle: {bundle}")
     return 0

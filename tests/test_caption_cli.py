@@ -66,3 +66,11 @@ def test_beam_width_option_and_bad_arguments(flickr8k_bundle, photos, tmp_path):
     absent = run_cli("caption", "--model", tmp_path / "no-such-bundle", photos[0], check=False)
     assert absent.returncode == 2 and "no-such-bundle" in absent.stderr
     assert "Traceback" not in absent.stderr
+
+
+def test_train_refuses_a_negative_number_of_fine_tuning_epochs(tmp_path):
+    # Checked before any data is read, so no data is needed.
+    refused = run_cli("train", "--dataset", "flickr8k", "--data-dir", tmp_path, "--out", tmp_path / "bundle",
+                      "--self-critical-epochs", -1, check=False)
+    assert refused.returncode == 2 and "--self-critical-epochs" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "bundle").exists()
