@@ -173,6 +173,7 @@ def test_no_repeat_ngram_stops_a_model_that_loops(features):
         log_probs[np.arange(len(words)), favourite] += 5.0
         log_probs[:, END] -= 5.0
         return log_softmax(log_probs), states
+
     decoder.step = looping_step
     options = dict(start_id=START, end_id=END, max_length=8, beam_width=3, n_best=3)
     plain = [h.ids for image in beam_search(decoder, features, **options) for h in image]

@@ -292,8 +292,11 @@ def test_self_critical_raises_the_cider_of_its_own_samples():
         final >= max(record["val_cider"] for record in history)
 
 
-def _half_trained_with_snapshots(vocab):
-    """A barely trained tiny model whose fit() keeps a copy of the weights after every call."""
+def _barely_trained_with_snapshots():
+    """A barely trained tiny model whose fit() keeps a copy of the weights after every call, its
+    vocabulary, those snapshots, and self_critical's data: (train features, train references,
+    validation features, validation references)."""
+    vocab = synthetic_vocab()
     keras.utils.set_random_seed(0)
     train, _, _ = synthetic_data(vocab, 120, seed=1)
     model = tiny_model("merge", vocab)
@@ -305,35 +308,30 @@ def _half_trained_with_snapshots(vocab):
         snapshots.append([weight.copy() for weight in model.get_weights()])
         return result
     model.fit = fit_and_keep
-    return model, snapshots
+    features, captions = synthetic_captions(40, seed=3)
+    val_features, val_captions = synthetic_captions(20, seed=2)
+    data = (features, [[caption] for caption in captions], val_features, [[caption] for caption in val_captions])
+    return model, vocab, snapshots, data
 
 
 def test_self_critical_can_keep_the_mean_of_the_last_epochs():
     """average_last=2 ends with the mean weights of the last two epochs, and reports its score."""
-    vocab = synthetic_vocab()
-    model, snapshots = _half_trained_with_snapshots(vocab)
-    features, captions = synthetic_captions(40, seed=3)
-    val_features, val_captions = synthetic_captions(20, seed=2)
-    history = self_critical(model, vocab, features, [[caption] for caption in captions], val_features,
-                            [[caption] for caption in val_captions], epochs=3, samples=4, learning_rate=3e-3,
+    model, vocab, snapshots, data = _barely_trained_with_snapshots()
+    history = self_critical(model, vocab, *data, epochs=3, samples=4, learning_rate=3e-3,
                             average_last=2, log=lambda *args: None)
     assert [record["epoch"] for record in history] == [1, 2, 3, "mean of 2-3"] and len(snapshots) == 3
     for kept, first, second in zip(model.get_weights(), *snapshots[1:]):
         np.testing.assert_allclose(kept, (first + second) / 2, rtol=1e-6, atol=1e-7)
-    final = validation_cider(make_step_decoder(model), vocab, val_features, [[c] for c in val_captions])
+    final = validation_cider(make_step_decoder(model), vocab, data[2], data[3])
     assert final == pytest.approx(history[-1]["val_cider"], abs=1e-3)
 
 
 def test_a_mean_that_scores_below_the_start_is_kept_and_reported():
     """A fine-tuning so violent (learning rate 3) that it wrecks the model: the mean is still what
     averaging keeps (validation reports, it does not choose), and the log says what to do."""
-    vocab = synthetic_vocab()
-    model, snapshots = _half_trained_with_snapshots(vocab)
-    features, captions = synthetic_captions(40, seed=3)
-    val_features, val_captions = synthetic_captions(20, seed=2)
+    model, vocab, snapshots, data = _barely_trained_with_snapshots()
     messages = []
-    history = self_critical(model, vocab, features, [[caption] for caption in captions], val_features,
-                            [[caption] for caption in val_captions], epochs=2, samples=4, learning_rate=3.0,
+    history = self_critical(model, vocab, *data, epochs=2, samples=4, learning_rate=3.0,
                             average_last=2, log=messages.append)
     for kept, first, second in zip(model.get_weights(), *snapshots):
         np.testing.assert_allclose(kept, (first + second) / 2, rtol=1e-6, atol=1e-7)
