@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from captioning.evaluation import bleu_scores, coco_scores_per_image, diversity
+from captioning.evaluation import bleu_scores, bootstrap_intervals, coco_scores_per_image, diversity
 from captioning.fileio import work_paths, write_json_atomic
 
 # Captioning in chunks keeps beam search's working memory (chunk x beam x vocabulary
@@ -132,6 +132,8 @@ def evaluate_bundle(bundle_dir, dataset, data_dir, split, *, beam_width=3, out_d
         "karpathy_split": str(karpathy_split) if karpathy_split else None,
         "images": len(ids), "skipped_images": skipped,
         "coco": coco, "bleu_nltk": bleu_scores(references, hypotheses),
+        "intervals": bootstrap_intervals(references, hypotheses,
+                                         cider_per_image={key: value["CIDEr"] for key, value in per_image.items()}),
         "diversity": diversity(hypotheses, training),
         "tokenization": "captioning.vocab.clean_caption, space-joined, for nltk and the COCO toolkit alike",
     }

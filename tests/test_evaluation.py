@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from captioning import evaluation
-from captioning.evaluation import bleu_scores, coco_scores, diversity, results_table, tokenize
+from captioning.evaluation import bleu_scores, bootstrap_intervals, coco_scores, diversity, results_table, tokenize
 from conftest import run_cli
 
 # Image "cat": the classic clipping example. Image "dog": a short hypothesis that
@@ -181,6 +181,44 @@ def test_diversity_counts():
     assert result["length_mean"] == 13 / 4 and (result["length_min"], result["length_max"]) == (2, 5)
 
 
+def test_bootstrap_bleu_statistics_sum_to_nltks_corpus_bleu():
+    _, references, hypotheses = evaluation._paired_tokens(REFERENCES, HYPOTHESES)
+    statistics = evaluation._bleu_statistics(references, hypotheses)
+    assert statistics.tolist() == [[5, 7, 4, 6, 2, 5, 1, 4, 7, 7], [3, 4, 2, 3, 1, 2, 0, 1, 4, 6]]  # hand counts above
+    assert evaluation._bleu4(statistics.sum(axis=0, keepdims=True))[0] == pytest.approx(EXPECTED["BLEU-4"], rel=1e-12)
+
+
+def test_bootstrap_intervals_on_two_images_by_hand():
+    # A draw of two images is (cat, cat), (dog, dog) or one of each, a quarter, a quarter and a half of
+    # the time. BLEU-4 of "cat" alone: (5/7 * 4/6 * 2/5 * 1/4) ** (1/4), no brevity penalty (7 = 7
+    # tokens); "dog" alone has no 4-gram match: 0. So the 95% interval runs from 0 to cat's BLEU-4.
+    cat_alone = (5 / 7 * 4 / 6 * 2 / 5 * 1 / 4) ** 0.25
+    assert bleu_scores({"cat": REFERENCES["cat"]}, {"cat": HYPOTHESES["cat"]})["BLEU-4"] == pytest.approx(cat_alone)
+    intervals = bootstrap_intervals(REFERENCES, HYPOTHESES, cider_per_image={"cat": 1.0, "dog": 3.0},
+                                    resamples=2000, seed=1)
+    assert intervals["BLEU-4"] == pytest.approx([0.0, cat_alone])
+    assert intervals["CIDEr"] == pytest.approx([1.0, 3.0])  # the means of (1, 1), (3, 3) and (1, 3)
+    assert intervals["resamples"] == 2000 and intervals["confidence"] == 0.95
+    assert bootstrap_intervals(REFERENCES, HYPOTHESES, seed=1)["CIDEr"] == \
+        bootstrap_intervals(REFERENCES, HYPOTHESES, seed=1)["CIDEr"]  # toolkit CIDEr-D, same draws
+
+
+def test_bootstrap_intervals_narrow_as_images_are_added():
+    def copies(count):
+        references = {f"{key}{i}": REFERENCES[key] for key in REFERENCES for i in range(count)}
+        hypotheses = {f"{key}{i}": HYPOTHESES[key] for key in HYPOTHESES for i in range(count)}
+        return bootstrap_intervals(references, hypotheses, cider_per_image={key: float(key.startswith("dog"))
+                                                                             for key in hypotheses})
+    few, many = copies(5), copies(80)  # 10 and 160 images: 4 times narrower, as 1 / sqrt(images)
+    for name in ("BLEU-4", "CIDEr"):
+        assert few[name][0] < many[name][0] <= many[name][1] < few[name][1]
+        assert (many[name][1] - many[name][0]) < 0.4 * (few[name][1] - few[name][0])
+    assert many["CIDEr"][0] < 0.5 < many["CIDEr"][1]  # the mean of as many 0s as 1s
+    for bad in (dict(confidence=1.0), dict(confidence=0), dict(resamples=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            bootstrap_intervals(REFERENCES, HYPOTHESES, **bad)
+
+
 def test_results_table_one_row_per_run_nan_for_unavailable():
     metrics = {"coco": coco_scores(REFERENCES, HYPOTHESES, meteor=False),
                "diversity": diversity(HYPOTHESES, []), "images": 2}
@@ -205,6 +243,9 @@ def test_evaluate_cli_on_flickr8k_dev(flickr8k_bundle, flickr8k_dir, flickr8k_wo
     assert metrics["coco"]["SPICE"] is None
     assert metrics["bleu_nltk"]["BLEU-1"] == pytest.approx(metrics["coco"]["BLEU-1"], rel=0.05)
     assert json.loads((out / "metrics.json").read_text())["coco"] == metrics["coco"]
+    intervals = metrics["intervals"]
+    assert intervals["CIDEr"][0] < metrics["coco"]["CIDEr"] < intervals["CIDEr"][1]
+    assert intervals["BLEU-4"][0] <= metrics["bleu_nltk"]["BLEU-4"] <= intervals["BLEU-4"][1]
     captions = json.loads((out / "captions.json").read_text())
     assert len(captions) == 113 and len({entry["id"] for entry in captions}) == 113
     entry = captions[0]
