@@ -36,6 +36,8 @@ saved model reloads in safe mode, and `AttentionStepDecoder` rewires the same
 trained layers for one word at a time (the StepDecoder protocol of models.py).
 """
 
+import functools
+
 from captioning import quiet_tensorflow
 
 tf = quiet_tensorflow()
@@ -215,15 +217,17 @@ class AttentionStepDecoder:
         feature_spec = tf.TensorSpec((None, *self.image_shape), tf.float32)
         state_specs = [tf.TensorSpec((None, self.units), tf.float32)] * self.state_count
 
-        def initial(features):
-            return self._initial_model(features, training=False)
+        # Partials, each counted on its own by TensorFlow's retracing warning (see models.StepDecoder).
+        self._initial = tf.function(functools.partial(self._initial_graph), input_signature=[feature_spec])
+        self._step = tf.function(functools.partial(self._step_graph),
+                                 input_signature=[tf.TensorSpec((None,), tf.int32), state_specs, feature_spec])
 
-        def step(words, states, features):
-            logits, weights, *new_states = self._step_model([words[:, None], features, *states], training=False)
-            return tf.nn.log_softmax(logits[:, 0, :]), weights[:, 0, :], new_states
+    def _initial_graph(self, features):
+        return self._initial_model(features, training=False)
 
-        self._initial = tf.function(initial, input_signature=[feature_spec])
-        self._step = tf.function(step, input_signature=[tf.TensorSpec((None,), tf.int32), state_specs, feature_spec])
+    def _step_graph(self, words, states, features):
+        logits, weights, *new_states = self._step_model([words[:, None], features, *states], training=False)
+        return tf.nn.log_softmax(logits[:, 0, :]), weights[:, 0, :], new_states
 
     def grids(self, features):
         """Features as the model's image input: (N, L, C) and (N, H, W, C) are both accepted."""

@@ -27,6 +27,8 @@ token, and an RNN reads left to right, so the outputs at real positions never
 see it. The loss and accuracy ignore padded targets instead (training.py).
 """
 
+import functools
+
 from captioning import quiet_tensorflow
 
 tf = quiet_tensorflow()
@@ -237,17 +239,14 @@ class StepDecoder:
 
         feature_spec = tf.TensorSpec((None, self.feature_dim), tf.float32)
         state_specs = [tf.TensorSpec((None, self.units), tf.float32)] * self.state_count
-        # Fresh closures rather than bound methods: TensorFlow counts traces per
-        # Python function, and would warn about "retracing" once a notebook has
-        # made a few decoders, although each of them traces only once.
-        def initial(features):
-            return self._initial_state_graph(features)
-
-        def step(words, states, features):
-            return self._step_graph(words, states, features)
-
-        self._initial = tf.function(initial, input_signature=[feature_spec])
-        self._step = tf.function(step, input_signature=[tf.TensorSpec((None,), tf.int32), state_specs, feature_spec])
+        # functools.partial, not the methods themselves: TensorFlow counts traces
+        # per code object, shared by every decoder, and would warn about
+        # "retracing" once a notebook has made a few decoders, although each of
+        # them traces only once. A partial has no code object of its own, so it
+        # is counted on its own.
+        self._initial = tf.function(functools.partial(self._initial_state_graph), input_signature=[feature_spec])
+        self._step = tf.function(functools.partial(self._step_graph),
+                                 input_signature=[tf.TensorSpec((None,), tf.int32), state_specs, feature_spec])
 
     def _initial_state_graph(self, features):
         layers, batch = self._layers, tf.shape(features)[0]

@@ -119,6 +119,24 @@ def test_step_decoder_traces_once_for_any_batch_size():
     assert decoder._initial.experimental_get_tracing_count() == 1
 
 
+def test_many_decoders_raise_no_retracing_warning():
+    # A notebook that builds one decoder per model must not show TensorFlow's "triggered
+    # tf.function retracing" warning: each decoder traces once, and TensorFlow must count them apart.
+    import logging
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    tf.get_logger().addHandler(handler)
+    try:
+        for seed in range(8):
+            decoder = make_step_decoder(small_model("merge", seed=seed))
+            features, words = random_batch(2)
+            decoder.step(words[:, 0], decoder.initial_state(features), features)
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert not [record for record in records if "retracing" in record.getMessage()]
+
+
 def test_a_model_from_elsewhere_is_refused():
     inputs = keras.Input((3,))
     other = keras.Model(inputs, keras.layers.Dense(2)(inputs), name="classifier")
