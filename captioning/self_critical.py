@@ -195,14 +195,19 @@ def _fine_tune(model, vocab, train_features, train_references, val_features, val
 
 def _keep_the_mean(model, recent, start, score, history, log):
     """Set the model to the mean of the `recent` weights and add a record to `history`,
-    with the mean's validation score when there is one."""
-    model.set_weights([np.mean(arrays, axis=0) for arrays in zip(*recent)])
+    with the mean's validation score when there is one. One set of weights is its own
+    mean: the model holds it already and its epoch's record says what it scores."""
     last = history[-1]["epoch"]
-    record = {"epoch": f"mean of {last - len(recent) + 1}-{last}"}
-    if score is not None:
-        record["val_cider"] = round(score(), 4)
-    history.append(record)
-    log(f"self-critical: kept {record}")
-    if score is not None and record["val_cider"] < start:
-        log(f"self-critical: the mean scores below the starting weights ({record['val_cider']:.4f} < {start:.4f}); "
+    if len(recent) == 1:
+        kept = history[-1]
+        log(f"self-critical: kept epoch {last} (one epoch: nothing to average)")
+    else:
+        model.set_weights([np.mean(arrays, axis=0) for arrays in zip(*recent)])
+        kept = {"epoch": f"mean of {last - len(recent) + 1}-{last}"}
+        if score is not None:
+            kept["val_cider"] = round(score(), 4)
+        history.append(kept)
+        log(f"self-critical: kept {kept}")
+    if score is not None and kept["val_cider"] < start:
+        log(f"self-critical: the kept weights score below the starting weights ({kept['val_cider']:.4f} < {start:.4f}); "
             "by a little, that is noise on few validation images; by much, lower the learning rate")

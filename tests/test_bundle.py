@@ -118,7 +118,8 @@ def test_train_cli_writes_a_bundle_that_captions_images(flickr8k_bundle, flickr8
     assert settings["metrics"]["epochs_run"] == 3 and settings["weights_id"].startswith("mobilenet_v2")
     fine_tuning = settings["metrics"]["self_critical"]
     assert 1 <= len(fine_tuning) <= 4  # --epochs caps the fine-tuning too; then the mean of the epochs
-    assert fine_tuning[-1]["epoch"] == f"mean of 1-{fine_tuning[-2]['epoch']}"
+    if len(fine_tuning) > 1:
+        assert fine_tuning[-1]["epoch"] == f"mean of 1-{fine_tuning[-2]['epoch']}"
     assert settings["decoding"]["no_repeat_ngram"] == 2  # the preset's, used by `caption` and `evaluate`
     history = (flickr8k_bundle / "training" / "history.csv").read_text().splitlines()
     assert len(history) == 4 and "val_loss" in history[0]

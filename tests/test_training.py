@@ -326,6 +326,19 @@ def test_self_critical_can_keep_the_mean_of_the_last_epochs():
     assert final == pytest.approx(history[-1]["val_cider"], abs=1e-3)
 
 
+def test_one_epoch_is_kept_as_it_is_without_a_mean_record():
+    """With a single fine-tuning epoch there is nothing to average: the model keeps that epoch's
+    weights, and the history has no 'mean of 1-1' row repeating the epoch's own."""
+    model, vocab, snapshots, data = _barely_trained_with_snapshots()
+    messages = []
+    history = self_critical(model, vocab, *data, epochs=1, samples=4, learning_rate=3e-3,
+                            average_last=5, log=messages.append)
+    assert [record["epoch"] for record in history] == [1] and len(snapshots) == 1
+    for kept, only in zip(model.get_weights(), snapshots[0]):
+        np.testing.assert_array_equal(kept, only)
+    assert any("nothing to average" in message for message in messages)
+
+
 def test_a_mean_that_scores_below_the_start_is_kept_and_reported():
     """A fine-tuning so violent (learning rate 3) that it wrecks the model: the mean is still what
     averaging keeps (validation reports, it does not choose), and the log says what to do."""
