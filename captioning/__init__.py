@@ -8,10 +8,18 @@ One module per pipeline stage, in the order the notebooks teach them:
     encoders   pretrained CNNs that turn a photo into a vector        (notebook 02)
     features   a resumable on-disk cache of those vectors             (notebook 02)
     models     merge and the three inject architectures               (notebook 03)
-    training   tf.data pipelines, fit(), presets, saved bundles       (notebook 03)
+    training   tf.data pipelines, the masked loss, fit(), presets     (notebook 03)
+    self_critical  fine-tuning on CIDEr-D                             (notebook 03)
+    bundle     a trained model saved with its vocabulary and settings (notebook 03)
+    pipeline   the `train` command: every stage above, end to end    (notebook 03)
     decoding   batched greedy and beam search                         (notebook 04)
     evaluation BLEU, METEOR, ROUGE-L, CIDEr-D and diversity           (notebook 05)
+    evaluate_run  the `evaluate` command                              (notebook 05)
+    attention  the soft-attention captioner                           (notebook 06)
     cli        `python -m captioning ...`
+
+Helpers: images (reading photos), feature_store (the cache's file format),
+fileio (atomic writes, the data/work layout).
 
 Importing this package does not import TensorFlow; the modules that need it
 call `quiet_tensorflow()` first so that learners do not see a screen of

@@ -153,7 +153,7 @@ def cmd_features(args):
 def cmd_train(args):
     if args.self_critical_epochs is not None and args.self_critical_epochs < 0:
         raise ValueError(f"--self-critical-epochs must be 0 or more, not {args.self_critical_epochs}")
-    from captioning.training import train_pipeline
+    from captioning.pipeline import train_pipeline
 
     strategy = None
     if args.distribute != "none":
