@@ -104,29 +104,25 @@ def _banned(start_id, end_id, pad_id, banned_ids):
 
 # --- greedy ----------------------------------------------------------------------
 
-def greedy_decode(decoder, features, *, start_id, end_id, max_length, pad_id=DEFAULT_PAD_ID, banned_ids=(),
+def _word_by_word(decoder, features, choose, *, start_id, end_id, max_length, pad_id, banned_ids,
                   return_attention=False):
-    """Caption each image with the most likely word at every step (notebook 04).
-
-    Fast and deterministic, but short-sighted: a likely first word can lead
-    to an unlikely caption. Returns one list of word ids per image; with
-    return_attention=True, (those lists, one (len(ids), L) array of attention
-    weights per image) (notebook 06).
-    """
+    """The loop that greedy and sampled decoding share: feed every image its last word,
+    let `choose` pick each row's next word from the (images, vocabulary)
+    log-probabilities, stop a row at <end>. Returns the captions (lists of word ids)
+    and, with return_attention, one (len(ids), L) array of attention weights per image."""
     features = _check(features, start_id, end_id, max_length)
     count = len(features)
+    captions, attention = [[] for _ in range(count)], [[] for _ in range(count)]
     if count == 0:
-        return ([], []) if return_attention else []
-    attention = [[] for _ in range(count)]
+        return captions, attention
     states = [np.asarray(state) for state in decoder.initial_state(features)]
     words = np.full(count, start_id, dtype=np.int32)
     finished = np.zeros(count, dtype=bool)
-    captions = [[] for _ in range(count)]
     banned = _banned(start_id, end_id, pad_id, banned_ids)
     for _ in range(int(max_length)):
         log_probs, states = _step(decoder, words, states, features, banned)
         weights = _attention(decoder, count) if return_attention else None
-        words = log_probs.argmax(axis=1).astype(np.int32)
+        words = np.asarray(choose(log_probs), dtype=np.int32)
         # Finished rows still ride along in the batch (a fixed batch shape
         # keeps the compiled model from retracing) but their words are ignored.
         finished |= words == end_id
@@ -138,8 +134,23 @@ def greedy_decode(decoder, features, *, start_id, end_id, max_length, pad_id=DEF
             break
     if return_attention:
         locations = weights.shape[1]
-        return captions, [np.asarray(rows, dtype=np.float32).reshape(-1, locations) for rows in attention]
-    return captions
+        attention = [np.asarray(rows, dtype=np.float32).reshape(-1, locations) for rows in attention]
+    return captions, attention
+
+
+def greedy_decode(decoder, features, *, start_id, end_id, max_length, pad_id=DEFAULT_PAD_ID, banned_ids=(),
+                  return_attention=False):
+    """Caption each image with the most likely word at every step (notebook 04).
+
+    Fast and deterministic, but short-sighted: a likely first word can lead
+    to an unlikely caption. Returns one list of word ids per image; with
+    return_attention=True, (those lists, one (len(ids), L) array of attention
+    weights per image) (notebook 06).
+    """
+    captions, attention = _word_by_word(decoder, features, lambda log_probs: log_probs.argmax(axis=1),
+                                        start_id=start_id, end_id=end_id, max_length=max_length, pad_id=pad_id,
+                                        banned_ids=banned_ids, return_attention=return_attention)
+    return (captions, attention) if return_attention else captions
 
 
 # --- sampling --------------------------------------------------------------------
@@ -153,27 +164,14 @@ def sample_decode(decoder, features, *, start_id, end_id, max_length, temperatur
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    features = _check(features, start_id, end_id, max_length)
-    count = len(features)
-    if count == 0:
-        return []
     random = np.random.default_rng(seed)
-    states = [np.asarray(state) for state in decoder.initial_state(features)]
-    words = np.full(count, start_id, dtype=np.int32)
-    finished = np.zeros(count, dtype=bool)
-    captions = [[] for _ in range(count)]
-    banned = _banned(start_id, end_id, pad_id, banned_ids)
-    for _ in range(int(max_length)):
-        log_probs, states = _step(decoder, words, states, features, banned)
+
+    def draw(log_probs):
         # The Gumbel-max trick: argmax(log p / T + Gumbel noise) is a draw from
         # softmax(log p / T), for every row at once, with no normalising.
-        gumbel = random.gumbel(size=log_probs.shape)
-        words = (log_probs / temperature + gumbel).argmax(axis=1).astype(np.int32)
-        finished |= words == end_id
-        for row in np.flatnonzero(~finished):
-            captions[row].append(int(words[row]))
-        if finished.all():
-            break
+        return (log_probs / temperature + random.gumbel(size=log_probs.shape)).argmax(axis=1)
+    captions, _ = _word_by_word(decoder, features, draw, start_id=start_id, end_id=end_id, max_length=max_length,
+                                pad_id=pad_id, banned_ids=banned_ids)
     return captions
 
 
