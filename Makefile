@@ -9,19 +9,23 @@ STAMP := $(VENV)/.installed
 # What `make demo` runs on. The defaults are what a user online wants: COCO,
 # a downloaded subset of images, InceptionV3 with Keras's ImageNet weights.
 # Offline, point them at local files, e.g.
-#   make demo DATASET=flickr8k DATA_DIR=/data/flickr8k ENCODER=mobilenet_v2 WEIGHTS=/w/mobilenet.weights.h5 DOWNLOAD=0
+#   make demo DATASET=flickr8k DATA_DIR=/data/flickr8k DOWNLOAD=0 ENCODER=mobilenet_v2 WEIGHTS=/w/mobilenet.weights.h5
 DATASET ?= coco
 DATA_DIR ?= data/coco
+WORK_DIR ?= data/work
 ENCODER ?= inception_v3
 WEIGHTS ?= imagenet
 DOWNLOAD ?= 1
 SUBSET ?= 2000
 RUNS ?= runs
+# Where COCO is downloaded from: the official server or a mirror with its layout
+# (a proxy, a class's own copy). The environment variable CAPTIONING_COCO_URL works too.
+COCO_URL ?= $(or $(CAPTIONING_COCO_URL),http://images.cocodataset.org)
 
 .PHONY: help setup demo test lab data benchmarks clean clean-data
 
 help:
-	@echo "make demo        run notebooks 01-05 end to end; executed copies land in $(RUNS)/"
+	@echo "make demo        run notebooks 01-06 end to end; executed copies land in $(RUNS)/"
 	@echo "make test        run the test suite"
 	@echo "make lab         open the notebooks in JupyterLab"
 	@echo "make data        download COCO caption annotations and a $(SUBSET)-image subset into $(DATA_DIR)"
@@ -39,8 +43,9 @@ $(STAMP): requirements.txt
 	@touch $@
 
 demo: setup
-	$(PY) scripts/run_notebooks.py --out $(RUNS) --dataset $(DATASET) --data-dir $(DATA_DIR) \
-		--encoder $(ENCODER) --weights $(WEIGHTS) --download $(DOWNLOAD) --subset-size $(SUBSET)
+	@CAPTIONING_COCO_URL=$(COCO_URL) $(PY) scripts/run_notebooks.py --out $(RUNS) --dataset $(DATASET) \
+		--data-dir $(DATA_DIR) --work-dir $(WORK_DIR) --encoder $(ENCODER) --weights $(WEIGHTS) \
+		--download $(DOWNLOAD) --subset-size $(SUBSET)
 
 test: setup
 	$(PY) -m pytest tests
@@ -49,13 +54,13 @@ lab: setup
 	$(VENV)/bin/jupyter lab notebooks
 
 data: setup
-	$(PY) -m captioning.download --data-dir $(DATA_DIR) --subset-size $(SUBSET)
+	$(PY) -m captioning.download --data-dir $(DATA_DIR) --subset-size $(SUBSET) --base-url $(COCO_URL)
 
 benchmarks: setup
 	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 clean:
-	rm -rf $(RUNS) .pytest_cache data/work
+	rm -rf $(RUNS) .pytest_cache $(WORK_DIR)
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
 clean-data:

@@ -17,7 +17,14 @@ Networks fail, so every download here is
 Offline, we fail after one quick connection attempt with a message that says
 how to use local files instead.
 
-    python -m captioning.download --data-dir data/coco --subset-size 2000 [--split both|train|val]
+Where from: the official server, or a mirror with the same layout
+(`annotations/annotations_trainval2017.zip`, `train2017/NAME.jpg`,
+`val2017/NAME.jpg`) named by `base_url`, the environment variable
+CAPTIONING_COCO_URL, or `make demo COCO_URL=...`: for a proxy, a class's
+local copy, or the tests' server on 127.0.0.1. Image URLs in the annotations
+that point at the official server are rewritten to the mirror.
+
+    python -m captioning.download --data-dir data/coco --subset-size 2000 [--split both|train|val] [--base-url URL]
 """
 
 import argparse
@@ -37,7 +44,9 @@ from urllib.parse import urljoin, urlsplit
 
 from captioning.fileio import atomic_path, read_json, safe_join
 
-ANNOTATIONS_URL = "http://images.cocodataset.org/annotations/annotations_trainval2017.zip"
+COCO_URL = "http://images.cocodataset.org"  # the official server
+URL_VARIABLE = "CAPTIONING_COCO_URL"  # a mirror with the same layout, if set
+ANNOTATIONS_PATH = "annotations/annotations_trainval2017.zip"
 CAPTION_MEMBER = re.compile(r"(?:^|/)(captions_(?:train|val)2017\.json)$")
 TIMEOUT = (5.0, 30.0)  # seconds: (connect, each read)
 CHUNK = 1 << 16
@@ -55,6 +64,20 @@ class DownloadError(OSError):
     def __init__(self, message, retryable=True):
         super().__init__(message)
         self.retryable = retryable
+
+
+def coco_base_url(base_url=None):
+    """The server to download COCO from: `base_url`, else $CAPTIONING_COCO_URL, else the official one."""
+    base = (base_url or os.environ.get(URL_VARIABLE) or COCO_URL).rstrip("/")
+    if urlsplit(base).scheme not in ("http", "https") or not urlsplit(base).hostname:
+        raise ValueError(f"COCO download URL must be http:// or https://, not {base!r} (from "
+                         f"{'base_url' if base_url else URL_VARIABLE})")
+    return base
+
+
+def _on_mirror(url, base):
+    """An image URL from the annotations, moved from the official server to `base`."""
+    return base + url[len(COCO_URL):] if url.startswith(COCO_URL + "/") and base != COCO_URL else url
 
 
 def check_online(url, timeout=3.0):
@@ -183,10 +206,12 @@ def verify_caption_zip(path):
                     pass
 
 
-def download_annotations(data_dir, url=ANNOTATIONS_URL, *, keep_zip=False, progress=True, **fetch_options):
-    """Fetch the COCO annotation zip, keep only captions_*.json in DATA_DIR/annotations/. Notebook 01."""
+def download_annotations(data_dir, url=None, *, keep_zip=False, progress=True, **fetch_options):
+    """Fetch the COCO annotation zip (default: from coco_base_url()), keep only captions_*.json
+    in DATA_DIR/annotations/. Notebook 01."""
     from tqdm.auto import tqdm
     data_dir = Path(data_dir)
+    url = url or f"{coco_base_url()}/{ANNOTATIONS_PATH}"
     check_online(url)
     zip_path = safe_join(data_dir, Path(urlsplit(url).path).name or "annotations.zip", source="annotation URL")
     if not zip_path.is_file():
@@ -229,6 +254,19 @@ def choose_subset(annotation_file, subset_size, seed=0):
     return ordered[:subset_size]
 
 
+def subset_missing(data_dir, subset_size, split="both"):
+    """True when download_coco(data_dir, subset_size) would have something to fetch: the
+    caption files, or fewer image files on disk than the subset asks for. A quick look
+    (`make demo` asks it before starting), not a check of every file."""
+    data_dir = Path(data_dir)
+    splits = ("train", "val") if split == "both" else (split,)
+    if not all((data_dir / "annotations" / f"captions_{name}2017.json").is_file() for name in splits):
+        return True
+    on_disk = sum(len(list((data_dir / f"{name}2017").glob("*.jpg"))) for name in splits
+                  if (data_dir / f"{name}2017").is_dir())
+    return on_disk < subset_size
+
+
 @dataclasses.dataclass
 class DownloadReport:
     folder: Path
@@ -247,21 +285,23 @@ class DownloadReport:
         return "\n".join(lines)
 
 
-def download_images(images, image_dir, *, workers=8, progress=True, **fetch_options):
+def download_images(images, image_dir, *, base_url=None, workers=8, progress=True, **fetch_options):
     """Download COCO image entries ({"file_name", "coco_url"}) into `image_dir`. Notebook 01.
 
     Every name and URL is checked before anything is fetched: a file name
     such as "../../x" or a file:// URL refuses the whole batch. Images already
     complete are skipped; failures are collected, not raised, so one bad URL
-    does not stop the other 1,999.
+    does not stop the other 1,999. URLs on the official server are fetched
+    from coco_base_url(base_url) instead when that is a mirror.
     """
     from tqdm.auto import tqdm
     image_dir = Path(image_dir)
+    base = coco_base_url(base_url)
     jobs = []
     for i, image in enumerate(images):
         if not isinstance(image, dict) or "file_name" not in image or "coco_url" not in image:
             raise ValueError(f"image entry {i} needs the fields 'file_name' and 'coco_url', got {image!r:.100}")
-        name, url = image["file_name"], image["coco_url"]
+        name, url = image["file_name"], _on_mirror(str(image["coco_url"]), base)
         if urlsplit(url).scheme not in ("http", "https"):
             raise ValueError(f"refusing coco_url {url!r} of {name!r}: only http:// and https:// URLs")
         jobs.append((name, url, safe_join(image_dir, name, source="coco_url file name")))
@@ -290,13 +330,14 @@ def download_images(images, image_dir, *, workers=8, progress=True, **fetch_opti
 TRAIN_SHARE = 0.8  # split="both": this share of the subset is training images, the rest val
 
 
-def download_coco(data_dir, subset_size=2000, *, split="both", seed=0, annotations_url=ANNOTATIONS_URL,
-                  workers=8, progress=True, **fetch_options):
+def download_coco(data_dir, subset_size=2000, *, split="both", seed=0, base_url=None, workers=8, progress=True,
+                  **fetch_options):
     """Annotations (if missing) + a seeded subset of images into DATA_DIR/<split>2017/. Notebook 01.
 
     split="both" (the default) splits `subset_size` 80/20 between train2017
     and val2017, so the notebooks have images to train on and held-out images
-    to evaluate on. Returns {split: DownloadReport}.
+    to evaluate on. `base_url`: a mirror of the official server (see the top
+    of this file). Returns {split: DownloadReport}.
     The caption files are only ever written whole (extracted to a temporary
     name after the zip's CRC check), so one on disk is a complete one.
     """
@@ -307,11 +348,11 @@ def download_coco(data_dir, subset_size=2000, *, split="both", seed=0, annotatio
         sizes = {"train": train_size, "val": subset_size - train_size}
     else:
         sizes = {split: subset_size}
-    data_dir = Path(data_dir)
+    data_dir, base = Path(data_dir), coco_base_url(base_url)
     files = {name: data_dir / "annotations" / f"captions_{name}2017.json" for name in sizes}
     if not all(path.is_file() for path in files.values()):
-        download_annotations(data_dir, annotations_url, progress=progress, **fetch_options)
-    return {name: download_images(choose_subset(files[name], size, seed), data_dir / f"{name}2017",
+        download_annotations(data_dir, f"{base}/{ANNOTATIONS_PATH}", progress=progress, **fetch_options)
+    return {name: download_images(choose_subset(files[name], size, seed), data_dir / f"{name}2017", base_url=base,
                                   workers=workers, progress=progress, **fetch_options)
             for name, size in sizes.items()}
 
@@ -325,11 +366,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="which random subset (keep it to resume)")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--retries", type=int, default=3)
-    parser.add_argument("--annotations-url", default=ANNOTATIONS_URL)
+    parser.add_argument("--base-url", default=None,
+                        help=f"a mirror of {COCO_URL} with the same layout (default: ${URL_VARIABLE} or the official server)")
     args = parser.parse_args(argv)
     try:
         reports = download_coco(args.data_dir, args.subset_size, split=args.split, seed=args.seed,
-                                annotations_url=args.annotations_url, workers=args.workers, retries=args.retries)
+                                base_url=args.base_url, workers=args.workers, retries=args.retries)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -56,11 +56,15 @@ class EncoderSpec:
     image_size: int
     grid: int  # side of the spatial feature grid at image_size
     channels: int  # feature depth
+    imagenet_file: str  # the no-top ImageNet weights file Keras downloads into ~/.keras/models
 
 
 ENCODERS = {
-    "inception_v3": EncoderSpec("InceptionV3", "inception_v3", 299, 8, 2048),
-    "mobilenet_v2": EncoderSpec("MobileNetV2", "mobilenet_v2", 320, 10, 1280),  # see the top of the file
+    "inception_v3": EncoderSpec("InceptionV3", "inception_v3", 299, 8, 2048,
+                                "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    # 320 px: see the top of the file. Keras loads its 224 px weights for any other size.
+    "mobilenet_v2": EncoderSpec("MobileNetV2", "mobilenet_v2", 320, 10, 1280,
+                                "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"),
 }
 
 # Downloading ImageNet weights must not hang a class on a dead network:
@@ -180,9 +184,33 @@ def _download_imagenet(build, name):
         socket.setdefaulttimeout(previous)
 
 
+def _seeded_random_weights(model, seed=0):
+    """Give every kernel Keras's default (Glorot-uniform) values from one fixed seed.
+
+    weights="none" is the same architecture without ImageNet: for tests and
+    offline runs of the whole pipeline. The network built to cache features
+    and the one built later to caption a new photo must then be the *same*
+    random network, or the features would not match. Keras draws initial
+    values from global random state that notebooks and tests also use, so we
+    redraw the kernels from our own generator; the other weights (biases,
+    batch-norm statistics) start as constants anyway.
+    """
+    generator = np.random.default_rng(seed)
+    values = []
+    for array in model.get_weights():
+        if array.ndim >= 2:
+            receptive_field = int(np.prod(array.shape[:-2]))
+            fan_in, fan_out = array.shape[-2] * receptive_field, array.shape[-1] * receptive_field
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            array = generator.uniform(-limit, limit, array.shape).astype(array.dtype)
+        values.append(array)
+    model.set_weights(values)
+
+
 def build_encoder(name="inception_v3", weights="imagenet", pooling="avg", mirror=True):
     """Build a headless ImageNet CNN: weights "imagenet" (Keras downloads them once into
-    ~/.keras/models), the path of a local .weights.h5 file, or None (random, for tests).
+    ~/.keras/models), the path of a local .weights.h5 file, or None / "none" (random but
+    the same on every build: for tests and offline runs).
     mirror=True averages each photo's features with its mirror image's (see the top of this file).
 
     Taught in notebook 02.
@@ -200,8 +228,7 @@ def build_encoder(name="inception_v3", weights="imagenet", pooling="avg", mirror
         model, weights_id, source = _download_imagenet(build, name), "imagenet", "imagenet"
     elif weights is None or weights == "none":
         model = build(None)
-        # Random weights differ on every build; name them by their values so a
-        # cache made with one random network is never taken for another's.
+        _seeded_random_weights(model)
         digest = hashlib.sha256()
         for array in model.get_weights():
             digest.update(np.ascontiguousarray(array).tobytes())

@@ -3,6 +3,11 @@
 This is what `make demo` runs, and what the test suite runs on the small
 shared data. Each notebook receives only the parameters its `parameters` cell
 declares, so the same command line serves all of them.
+
+Before starting any notebook it checks, in a few seconds, that what the run
+will download can be downloaded (the COCO server, Keras's ImageNet weights).
+Offline, it stops there with one message naming the settings that use local
+files instead, rather than failing inside notebook 01 or 02 minutes later.
 """
 
 import argparse
@@ -11,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import papermill
-
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
+sys.path.insert(0, str(REPO))  # the captioning package, when run from a fresh clone without installing it
 
 
 def notebook_paths(only=None):
@@ -25,7 +29,10 @@ def notebook_paths(only=None):
 
 
 def run(parameters, out_dir, only=None, log=print):
-    """Run the notebooks (all, or those whose two-digit prefix is in `only`)."""
+    """Run the notebooks (all, or those whose two-digit prefix is in `only`); return the
+    executed copies. `log` receives each notebook's wall time and the total."""
+    import papermill
+
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     # Keep TensorFlow's C++ start-up lines out of the executed notebooks.
@@ -33,7 +40,7 @@ def run(parameters, out_dir, only=None, log=print):
     os.environ.setdefault("PYTHONPATH", str(REPO))
     if str(REPO) not in os.environ["PYTHONPATH"].split(os.pathsep):
         os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ["PYTHONPATH"]
-    executed = []
+    executed, times = [], []
     for path in notebook_paths(only):
         declared = papermill.inspect_notebook(str(path))
         chosen = {key: value for key, value in parameters.items() if key in declared}
@@ -44,9 +51,51 @@ def run(parameters, out_dir, only=None, log=print):
             str(path), str(output), parameters=chosen, cwd=str(NOTEBOOKS),
             kernel_name="python3", progress_bar=False, log_output=False,
         )
-        log(f"  done in {time.perf_counter() - start:.0f} s -> {output}")
+        times.append((path.name, time.perf_counter() - start))
+        log(f"  {path.name}: {times[-1][1]:.0f} s -> {output}")
         executed.append(output)
+    if len(times) > 1:
+        log("wall time: " + ", ".join(f"{name[:2]} {seconds:.0f} s" for name, seconds in times)
+            + f"; total {sum(seconds for _, seconds in times):.0f} s")
     return executed
+
+
+def _keras_weights_missing(encoder):
+    """True when Keras would have to download `encoder`'s ImageNet weights (not in its cache)."""
+    from captioning.encoders import ENCODERS
+    spec = ENCODERS.get(encoder)
+    if spec is None:
+        return False  # the notebook names the unknown encoder itself
+    cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    return not (cache / spec.imagenet_file).is_file()
+
+
+def preflight(parameters, needed=None):
+    """None if every download the run needs can start; otherwise the message to print.
+
+    `needed` lists the notebook prefixes that will run (None: all six).
+    """
+    from captioning import download
+
+    blocked = []
+    if parameters["download"] and parameters["dataset"] == "coco" and (needed is None or "01" in needed):
+        if download.subset_missing(parameters["data_dir"], parameters["subset_size"]):
+            try:
+                download.check_online(download.coco_base_url())
+            except (ConnectionError, ValueError) as error:
+                blocked.append(("the COCO annotations and images", error))
+    if parameters["weights"] == "imagenet" and _keras_weights_missing(parameters["encoder"]):
+        try:
+            download.check_online("https://storage.googleapis.com")
+        except ConnectionError as error:
+            blocked.append((f"{parameters['encoder']}'s ImageNet weights", error))
+    if not blocked:
+        return None
+    reasons = "; ".join(f"{what}: {str(error).splitlines()[0].rstrip('.')}" for what, error in blocked)
+    return (f"make demo cannot download what it needs ({reasons}). Offline, run it on files you already have: "
+            "DATA_DIR=your COCO or Flickr8k folder, DOWNLOAD=0 to use only what is on disk, and WEIGHTS=a local "
+            "no-top .weights.h5 file for ENCODER, e.g. `make demo DATASET=flickr8k DATA_DIR=/data/flickr8k "
+            "DOWNLOAD=0 ENCODER=mobilenet_v2 WEIGHTS=/weights/mobilenet_v2_no_top.weights.h5` (README: Running offline)")
 
 
 def main(argv=None):
@@ -57,7 +106,7 @@ def main(argv=None):
     parser.add_argument("--data-dir", default="data/coco")
     parser.add_argument("--work-dir", default="data/work")
     parser.add_argument("--encoder", default="inception_v3")
-    parser.add_argument("--weights", default="imagenet")
+    parser.add_argument("--weights", default="imagenet", help="'imagenet', 'none' (random) or a .weights.h5 path")
     parser.add_argument("--download", type=int, default=1, help="1: download what is missing; 0: offline")
     parser.add_argument("--subset-size", type=int, default=2000)
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
@@ -65,7 +114,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     def absolute(path):
-        return path if path == "imagenet" else str(Path(path).resolve())
+        return path if path in ("imagenet", "none") else str(Path(path).resolve())
 
     parameters = {
         "dataset": args.dataset,
@@ -83,6 +132,11 @@ def main(argv=None):
         except (ValueError, SyntaxError):
             parameters[name] = value
     only = args.only.split(",") if args.only else None
+    problem = preflight(parameters, only)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    import papermill
     try:
         run(parameters, args.out, only)
     except papermill.PapermillExecutionError as error:

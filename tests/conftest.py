@@ -67,6 +67,14 @@ def run_cli(*arguments, check=True, timeout=1800):
     return result
 
 
+@pytest.fixture
+def server():
+    """A real HTTP server on 127.0.0.1 serving server.files, with faults on request (http_fixtures.py)."""
+    from http_fixtures import serving
+    with serving() as instance:
+        yield instance
+
+
 @pytest.fixture(scope="session")
 def flickr8k_work_dir(tmp_path_factory):
     """One work folder (prepared data + feature cache) shared by the CLI tests of a session."""

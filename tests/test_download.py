@@ -1,22 +1,13 @@
-"""Downloads against a real HTTP server on 127.0.0.1 that serves fixture files with faults.
+"""Downloads against a real HTTP server on 127.0.0.1 that serves fixture files with faults
+(tests/http_fixtures.py: each path can be given a plan of "404", "500", "cut", "slow", "ok")."""
 
-Each fixture path can be given a plan, one action per request in order:
-"404", "500", "cut" (Content-Length promises more than is sent), "slow"
-(sleeps past the client's read timeout), "ok". Requests beyond the plan are "ok".
-"""
-
-import collections
-import http.server
 import io
 import json
 import socket
 import subprocess
 import sys
-import threading
-import time
 import zipfile
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -35,66 +26,6 @@ def jpeg_bytes(seed, size=(40, 56)):
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG")
     return buffer.getvalue()
-
-
-class FaultHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        server = self.server
-        path = urlsplit(self.path).path
-        with server.lock:
-            server.hits[path] += 1
-            server.ranges[path].append(self.headers.get("Range"))
-            plan = server.plans.get(path, [])
-            number = server.hits[path] - 1
-            action = plan[number] if number < len(plan) else "ok"
-        body = server.files.get(path)
-        if body is None or action == "404":
-            return self.send_error(404)
-        if action == "500":
-            return self.send_error(500)
-        if action == "slow":
-            time.sleep(server.slow_seconds)
-        start = 0
-        range_header = self.headers.get("Range")
-        if range_header and range_header.startswith("bytes="):
-            start = int(range_header[len("bytes="):].split("-")[0])
-        self.send_response(206 if start else 200)
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        self.send_header("Content-Length", str(len(body) - start))
-        self.end_headers()
-        payload = body[start:]
-        self.wfile.write(payload[: len(payload) // 3] if action == "cut" else payload)
-
-    def log_message(self, *args):
-        pass
-
-
-class FaultServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), FaultHandler)
-        self.files, self.plans = {}, {}
-        self.hits, self.ranges = collections.Counter(), collections.defaultdict(list)
-        self.lock = threading.Lock()
-        self.slow_seconds = 1.0
-
-    def url(self, path):
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
-
-    def handle_error(self, request, client_address):
-        pass  # the client hung up on a slow or cut response: expected here
-
-
-@pytest.fixture
-def server():
-    instance = FaultServer()
-    thread = threading.Thread(target=instance.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield instance
-    instance.shutdown()
-    instance.server_close()
 
 
 def no_partial_files(folder):
@@ -272,9 +203,9 @@ def serve_coco(server, count=5, corrupt_zip=False):
 
 
 def test_download_coco_fetches_annotations_and_a_subset_then_resumes(server, tmp_path):
-    zip_url = serve_coco(server)
+    serve_coco(server)
     server.plans["/annotations/annotations_trainval2017.zip"] = ["cut"]
-    report = download.download_coco(tmp_path, 3, split="val", annotations_url=zip_url, progress=False, **FAST)["val"]
+    report = download.download_coco(tmp_path, 3, split="val", base_url=server.url(""), progress=False, **FAST)["val"]
     assert (report.downloaded, report.failed) == (3, [])
     assert server.ranges["/annotations/annotations_trainval2017.zip"][1].startswith("bytes=")  # resumed
     assert sorted(path.name for path in (tmp_path / "annotations").iterdir()) == [
@@ -284,32 +215,44 @@ def test_download_coco_fetches_annotations_and_a_subset_then_resumes(server, tmp
     assert table["image_id"].nunique() == 3 and table.attrs["dropped_images"] == 2 + 10  # 10 train images
 
     hits = sum(server.hits.values())
-    again = download.download_coco(tmp_path, 3, split="val", annotations_url=zip_url, progress=False, **FAST)["val"]
+    again = download.download_coco(tmp_path, 3, split="val", base_url=server.url(""), progress=False, **FAST)["val"]
     assert (again.downloaded, again.present) == (0, 3)
     assert sum(server.hits.values()) == hits
 
-    both = download.download_coco(tmp_path, 10, annotations_url=zip_url, progress=False, **FAST)
+    both = download.download_coco(tmp_path, 10, base_url=server.url(""), progress=False, **FAST)
     assert (both["train"].downloaded, both["val"].downloaded, both["val"].present) == (8, 0, 2)
     table = data.load_dataset("coco", tmp_path, on_disk_only=True)
     assert table.groupby("split")["image_id"].nunique().to_dict() == {"train": 8, "val": 3}
 
 
 def test_damaged_annotation_zip_is_refused(server, tmp_path):
-    zip_url = serve_coco(server, corrupt_zip=True)
+    serve_coco(server, corrupt_zip=True)
     with pytest.raises(DownloadError, match="damaged"):
-        download.download_coco(tmp_path, 3, annotations_url=zip_url, progress=False, retries=1, **FAST)
+        download.download_coco(tmp_path, 3, base_url=server.url(""), progress=False, retries=1, **FAST)
     assert not (tmp_path / "annotations").exists()
     assert list(tmp_path.iterdir()) == []
 
 
 def test_module_entry_point_downloads_and_prints_a_summary(server, tmp_path):
-    zip_url = serve_coco(server)
+    serve_coco(server)
     del server.files["/val2017/000000000001.jpg"]
     result = subprocess.run(
         [sys.executable, "-m", "captioning.download", "--data-dir", str(tmp_path), "--subset-size", "5",
-         "--split", "val", "--annotations-url", zip_url, "--retries", "0"],
+         "--split", "val", "--base-url", server.url(""), "--retries", "0"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
     assert result.returncode == 1, result.stderr
     assert "4 downloaded" in result.stdout and "1 failed" in result.stdout and "000000000001.jpg" in result.stdout
     assert len(list((tmp_path / "val2017").glob("*.jpg"))) == 4
+
+
+def test_a_mirror_serves_images_the_annotations_place_on_the_official_server(server, tmp_path, monkeypatch):
+    entries = serve_images(server, 2)
+    official = [dict(entry, coco_url=entry["coco_url"].replace(server.url(""), download.COCO_URL)) for entry in entries]
+    monkeypatch.setenv(download.URL_VARIABLE, server.url(""))  # what `make demo COCO_URL=...` sets
+    report = download.download_images(official, tmp_path, progress=False, **FAST)
+    assert (report.downloaded, report.failed) == (2, [])
+    assert server.hits["/val2017/000000000000.jpg"] == 1
+    monkeypatch.setenv(download.URL_VARIABLE, "ftp://mirror.example/coco")
+    with pytest.raises(ValueError, match="CAPTIONING_COCO_URL"):
+        download.download_images(official, tmp_path / "other", progress=False, **FAST)

@@ -1,0 +1,114 @@
+"""Static checks of the committed notebooks: fast, no kernel, no TensorFlow.
+
+The default `make demo` once died in notebook 01 because its parameters cell
+said `download = True` after `from captioning import download`: the flag
+replaced the module, and every later `download.download_coco(...)` failed. No
+test ran that default path, so nothing noticed. These checks catch the whole
+class by reading the cells: a name a notebook imports is never bound again by
+anything else in it (parameters, assignments, loops, function definitions).
+"""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _code_cells(path):
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    for index, cell in enumerate(notebook["cells"]):
+        if cell["cell_type"] == "code":
+            source = "".join(cell["source"])
+            # IPython's own syntax (%magic, !shell) is not Python: leave those lines out.
+            lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]
+            yield index, cell.get("metadata", {}).get("tags", []), "\n".join(lines)
+
+
+class _TopLevelBindings(ast.NodeVisitor):
+    """(name, kind, line) for every name a cell binds in the notebook's namespace.
+
+    Function bodies are skipped: a local variable or parameter named like a
+    module is harmless; the function's own name is a binding like any other.
+    """
+
+    def __init__(self):
+        self.found = []
+
+    def visit_Import(self, node):
+        for alias in node.names:
+            self.found.append((alias.asname or alias.name.split(".")[0], "import", node.lineno))
+
+    def visit_ImportFrom(self, node):
+        for alias in node.names:
+            if alias.name != "*":
+                self.found.append((alias.asname or alias.name, "import", node.lineno))
+
+    def visit_Name(self, node):
+        if isinstance(node.ctx, ast.Store):
+            self.found.append((node.id, "assignment", node.lineno))
+
+    def visit_FunctionDef(self, node):
+        self.found.append((node.name, "definition", node.lineno))
+        for decorator in node.decorator_list:
+            self.visit(decorator)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_ClassDef(self, node):
+        self.found.append((node.name, "definition", node.lineno))
+
+    def visit_Lambda(self, node):
+        pass
+
+
+def _top_level_bindings(source):
+    visitor = _TopLevelBindings()
+    visitor.visit(ast.parse(source))
+    return visitor.found
+
+
+def imported_names_rebound(path):
+    """Every place where a notebook binds, other than by importing it, a name it imports."""
+    bindings = []
+    for index, tags, source in _code_cells(path):
+        where = "parameters cell" if "parameters" in tags else f"cell {index}"
+        bindings += [(name, kind, f"{where}, line {line}") for name, kind, line in _top_level_bindings(source)]
+    imported = {name for name, kind, _ in bindings if kind == "import"}
+    return [f"{path.name}: {where} binds {name!r} ({kind}), a name the notebook imports"
+            for name, kind, where in bindings if name in imported and kind != "import"]
+
+
+def test_there_are_six_notebooks():
+    assert [path.name[:2] for path in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name[:2])
+def test_no_cell_rebinds_an_imported_name(path):
+    assert imported_names_rebound(path) == []
+
+
+def test_the_check_finds_a_parameter_that_replaces_a_module(tmp_path):
+    notebook = {"cells": [
+        {"cell_type": "code", "metadata": {}, "source": ["from captioning import data, download\n"]},
+        {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": ["download = True\n"]},
+        {"cell_type": "code", "metadata": {}, "source": ["def helper(data):\n", "    data = 1\n"]},
+    ]}
+    path = tmp_path / "99_example.ipynb"
+    path.write_text(json.dumps(notebook))
+    # The parameter is caught; a function's own parameter or local named like a module is not.
+    assert imported_names_rebound(path) == [
+        "99_example.ipynb: parameters cell, line 1 binds 'download' (assignment), a name the notebook imports"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name[:2])
+def test_committed_notebooks_carry_no_outputs_and_teach(path):
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    cells = notebook["cells"]
+    assert all(not cell.get("outputs") and cell.get("execution_count") is None
+               for cell in cells if cell["cell_type"] == "code"), "commit notebooks without outputs"
+    assert cells[0]["cell_type"] == "markdown", "a notebook starts by saying what it covers"
+    assert "what to try" in "".join(cells[-1]["source"]).lower(), "a notebook ends with what to try"
+    assert sum("parameters" in cell.get("metadata", {}).get("tags", []) for cell in cells) == 1
