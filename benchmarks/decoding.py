@@ -32,7 +32,7 @@ tf = quiet_tensorflow()
 import keras  # noqa: E402
 
 from captioning.decoding import DEFAULT_LENGTH_ALPHA, beam_search, length_normalised  # noqa: E402
-from captioning.models import build_captioner, make_step_decoder  # noqa: E402
+from captioning.architectures import build_captioner, make_step_decoder  # noqa: E402
 
 PAD, START, END = 0, 1, 2
 BEAM = 3
@@ -56,7 +56,7 @@ def synthetic_model(vocab_size=3000, feature_dim=2048, max_length=20, scenes=40,
         swapped = random.random(len(sentence)) < 0.15
         sentence[swapped] = random.integers(4, vocab_size, size=swapped.sum())
         words[row, : len(sentence) + 2] = [START, *sentence, END]
-    model = build_captioner("merge", vocab_size=vocab_size, feature_dim=feature_dim, max_length=max_length)
+    model = build_captioner("merge", vocab_size=vocab_size, feature_shape=feature_dim, max_length=max_length)
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=PAD))
     model.fit({"image": images, "words": words[:, :-1]}, words[:, 1:], batch_size=64, epochs=2, verbose=0)
@@ -76,7 +76,7 @@ def bundle_model(bundle_dir, features_dir, count):
         store = FeatureStore.open(features_dir)
         features = store.get_many(store.ids[:count])
     else:  # CNN features after ReLU are non-negative; stay roughly in distribution
-        features = np.abs(np.random.default_rng(0).normal(size=(count, captioner.settings["feature_dim"])))
+        features = np.abs(np.random.default_rng(0).normal(size=(count, *captioner.settings["feature_shape"])))
     return captioner.model, vocab.max_length, features.astype(np.float32)
 
 

@@ -21,7 +21,7 @@ tf = quiet_tensorflow()
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from captioning.models import build_captioner  # noqa: E402
+from captioning.architectures import build_captioner  # noqa: E402
 from captioning.training import compile_captioner  # noqa: E402
 
 FEATURES, VOCAB, UNITS, MAX_LENGTH = 2048, 5000, 256, 20
@@ -89,7 +89,7 @@ def main():
     count = args.batch_size * (args.batches + 1)
     features = rng.normal(size=(count, FEATURES)).astype("float32")
     sequences, _ = random_captions(count, rng)
-    full = compile_captioner(build_captioner("merge", vocab_size=VOCAB, feature_dim=FEATURES, max_length=MAX_LENGTH,
+    full = compile_captioner(build_captioner("merge", vocab_size=VOCAB, feature_shape=FEATURES, max_length=MAX_LENGTH,
                                              embed_dim=UNITS, units=UNITS))
     seconds = best_seconds(full, {"image": features, "words": sequences[:, :-1]}, sequences[:, 1:],
                            args.batch_size, args.batches, args.rounds)

@@ -2,24 +2,25 @@
 
 One module per pipeline stage, in the order the notebooks teach them:
 
-    data       COCO / Flickr8k annotations -> a pandas table          (notebook 01)
-    vocab      caption cleaning and the word <-> id vocabulary        (notebook 01)
-    download   annotations and image subsets for users online        (notebook 01)
-    encoders   pretrained CNNs that turn a photo into a vector        (notebook 02)
-    features   a resumable on-disk cache of those vectors             (notebook 02)
-    models     merge and the three inject architectures               (notebook 03)
-    training   tf.data pipelines, the masked loss, fit(), presets     (notebook 03)
-    self_critical  fine-tuning on CIDEr-D                             (notebook 03)
-    bundle     a trained model saved with its vocabulary and settings (notebook 03)
-    pipeline   the `train` command: every stage above, end to end    (notebook 03)
-    decoding   batched greedy and beam search                         (notebook 04)
-    evaluation BLEU, METEOR, ROUGE-L, CIDEr-D and diversity           (notebook 05)
-    evaluate_run  the `evaluate` command                              (notebook 05)
-    attention  the soft-attention captioner                           (notebook 06)
-    cli        `python -m captioning ...`
+    data           COCO / Flickr8k annotations -> a pandas table; the DATASETS table  (notebook 01)
+    vocab          caption cleaning, the word <-> id vocabulary, the special ids      (notebook 01)
+    download       annotations and image subsets for users online                     (notebook 01)
+    encoders       pretrained CNNs that turn a photo into a vector; the ENCODERS table (notebook 02)
+    features       a resumable on-disk cache of those vectors                         (notebook 02)
+    architectures  the ARCHITECTURES table, build_captioner and the StepDecoder       (notebook 03)
+    models         merge and the three inject architectures                           (notebook 03)
+    training       tf.data pipelines, the masked loss, fit(), the PRESETS table       (notebook 03)
+    self_critical  fine-tuning on CIDEr-D                                             (notebook 03)
+    bundle         a trained model saved with its vocabulary and settings             (notebook 03)
+    pipeline       the `train` and `evaluate` commands, end to end                    (notebooks 03, 05)
+    decoding       batched greedy and beam search, sampling                           (notebook 04)
+    evaluation     BLEU, METEOR, ROUGE-L, CIDEr-D, diversity, bootstrap intervals     (notebook 05)
+    attention      the soft-attention architecture                                    (notebook 06)
+    cli            `python -m captioning ...`
 
-Helpers: images (reading photos), feature_store (the cache's file format),
-fileio (atomic writes, the data/work layout).
+Helpers: layers (layers every architecture shares), images (reading photos),
+feature_store (the cache's file format), fileio (atomic writes, the data/work
+layout).
 
 Importing this package does not import TensorFlow; the modules that need it
 call `quiet_tensorflow()` first so that learners do not see a screen of

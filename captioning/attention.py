@@ -5,8 +5,8 @@ Merge and inject models (models.py) see an image as one vector, the CNN's
 grid averaged over all locations. Averaging keeps *what* is in the picture
 but loses *where*, and it makes every word read the same summary. Xu et al.
 (2015, "Show, Attend and Tell") keep the grid instead: L = H x W vectors
-a_1..a_L, one per image region (7 x 7 x 1280 for MobileNetV2, 8 x 8 x 2048
-for InceptionV3). Before each word the decoder scores every region against
+a_1..a_L, one per image region (10 x 10 x 1280 for MobileNetV2 at 320 px,
+8 x 8 x 2048 for InceptionV3). Before each word the decoder scores every region against
 what it has said so far (its previous hidden state h), turns the scores into
 weights that sum to one, and reads their weighted average, the context z:
 
@@ -32,19 +32,20 @@ padding), which is one step too many, but it needs no knowledge of the end
 id inside the model.
 
 `AttentionDecoder` is one registered Keras layer holding the recurrence, so a
-saved model reloads in safe mode, and `AttentionStepDecoder` rewires the same
-trained layers for one word at a time (the StepDecoder protocol of models.py).
+saved model reloads in safe mode. Like the architectures of models.py, this one
+is three functions that architectures.py puts in its table (layers, start
+state, wiring); its wiring also returns the attention weights, which the
+decoders collect (decoding.py, `return_attention=True`).
 """
-
-import functools
 
 from captioning import quiet_tensorflow
 
-tf = quiet_tensorflow()
+quiet_tensorflow()
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-PAD_ID = 0  # vocab.py puts <pad> at id 0
+from captioning.layers import read_words, word_layers, write_words  # noqa: E402
+from captioning.vocab import PAD_ID  # noqa: E402
 
 
 @keras.saving.register_keras_serializable(package="captioning")
@@ -63,7 +64,6 @@ class AttentionDecoder(keras.layers.Layer):
         self.attention_penalty = float(attention_penalty)
         cell = keras.layers.LSTMCell if rnn == "lstm" else keras.layers.GRUCell
         self.cell = cell(self.units, name="cell")
-        self.state_count = 2 if rnn == "lstm" else 1
         self.keys = keras.layers.Dense(self.attention_units, use_bias=False, name="attention_keys")
         self.query = keras.layers.Dense(self.attention_units, name="attention_query")
         self.score = keras.layers.Dense(1, use_bias=False, name="attention_score")
@@ -112,140 +112,41 @@ def doubly_stochastic_penalty(weights, words, pad_id=PAD_ID):
     return keras.ops.mean(keras.ops.sum(keras.ops.square(1.0 - per_region), axis=-1))
 
 
-def make_layers(*, vocab_size, embed_dim, units, rnn, dropout, word_dropout=0.0, attention_units=None,
-                attention_penalty=0.0):
-    """The layers that hold weights (and the dropouts), keyed by their names."""
-    from captioning.models import WordDropout  # models.py imports this module
-    dense, drop = keras.layers.Dense, keras.layers.Dropout
+def attention_layers(*, vocab_size, embed_dim, units, rnn, dropout, word_dropout, attention_units=None,
+                     attention_penalty=0.0):
+    """The attention captioner's layers that hold weights (and its dropouts), keyed by their names."""
+    dense = keras.layers.Dense
     layers = [
-        WordDropout(word_dropout, name="word_dropout"),
         # Each region to `units` numbers: a much smaller context vector and LSTM
         # input than the CNN's 1280 or 2048 channels, as in TensorFlow's tutorial.
         dense(units, activation="relu", name="grid_projection"),
-        drop(dropout, name="region_dropout"),
+        keras.layers.Dropout(dropout, name="region_dropout"),
         dense(units, activation="tanh", name="image_to_state_h"),
-        keras.layers.Embedding(vocab_size, embed_dim, name="word_embedding"),
-        drop(dropout, name="embedding_dropout"),
-        AttentionDecoder(units, attention_units, rnn=rnn, attention_penalty=attention_penalty,
-                         name="decoder_rnn"),
-        drop(dropout, name="output_dropout"),
-        dense(vocab_size, name="word_logits"),
+        AttentionDecoder(units, attention_units, rnn=rnn, attention_penalty=attention_penalty, name="decoder_rnn"),
     ]
     if rnn == "lstm":
         layers.append(dense(units, name="image_to_state_c"))
-    return {layer.name: layer for layer in layers}
+    return {**word_layers(vocab_size=vocab_size, embed_dim=embed_dim, dropout=dropout, word_dropout=word_dropout),
+            **{layer.name: layer for layer in layers}}
 
 
-def initial_states(layers, grid):
-    """The decoder's first state from the mean of the grid (batch, L, C)."""
-    mean = keras.layers.GlobalAveragePooling1D(name="mean_of_grid")(grid)
-    states = [layers["image_to_state_h"](mean)]
-    if "image_to_state_c" in layers:
-        states.append(layers["image_to_state_c"](mean))
-    return states
-
-
-def as_locations(image):
+def as_locations(image, name="grid_locations"):
     """(batch, H, W, C) or (batch, L, C) or (batch, C) -> (batch, L, C); a vector is one location."""
     channels = image.shape[-1]
     locations = int(np.prod(image.shape[1:-1])) if len(image.shape) > 2 else 1
-    return keras.layers.Reshape((locations, channels), name="grid_locations")(image)
+    return keras.layers.Reshape((locations, channels), name=name)(image)
 
 
-def wire(layers, image, words, states=None):
-    """Connect the layers: (image, words[, states]) -> (logits, attention weights, new states).
+def attention_start(layers, image):
+    """The decoder's first state, from the mean of the grid, as in the paper."""
+    mean = keras.layers.GlobalAveragePooling1D(name="mean_of_grid")(as_locations(image, "grid_to_average"))
+    return [layers[name](mean) for name in ("image_to_state_h", "image_to_state_c") if name in layers]
 
-    Without states (training), they come from the image; with states, this is
-    one decoding step whose states are inputs.
-    """
-    grid = as_locations(image)
-    if states is None:
-        states = initial_states(layers, grid)
-    regions = layers["region_dropout"](layers["grid_projection"](grid))
-    read = layers["word_dropout"](words) if "word_dropout" in layers else words  # absent in older models
-    sequence = layers["embedding_dropout"](layers["word_embedding"](read))
-    hidden, contexts, weights, *new_states = layers["decoder_rnn"](sequence, regions, states, words)
+
+def attention(layers, image, words, states):
+    """(image grid, words, states) -> (logits, new states, attention weights (batch, steps, L))."""
+    regions = layers["region_dropout"](layers["grid_projection"](as_locations(image)))
+    hidden, contexts, weights, *states = layers["decoder_rnn"](read_words(layers, words), regions, states, words)
     # The word classifier reads what the decoder thinks and what it looks at.
     outputs = keras.layers.Concatenate(name="hidden_and_context")([hidden, contexts])
-    logits = layers["word_logits"](layers["output_dropout"](outputs))
-    return logits, weights, new_states
-
-
-def build_attention_captioner(*, vocab_size, feature_dim, max_length, grid_shape=(), embed_dim=256, units=256,
-                              rnn="lstm", dropout=0.5, word_dropout=0.0, attention_units=None,
-                              attention_penalty=0.0):
-    """The attention captioner (build_captioner(arch="attention") calls this; notebook 06).
-
-    Inputs: {"image": (batch, *grid_shape, feature_dim) float32, e.g. (batch, 10, 10, 1280),
-    "words": (batch, max_length + 1) int32}. Output: logits (batch, max_length + 1, vocab_size).
-    """
-    layers = make_layers(vocab_size=vocab_size, embed_dim=embed_dim, units=units, rnn=rnn, dropout=dropout,
-                         word_dropout=word_dropout, attention_units=attention_units, attention_penalty=attention_penalty)
-    image = keras.Input((*grid_shape, feature_dim), name="image")
-    words = keras.Input((max_length + 1,), dtype="int32", name="words")
-    logits, _, _ = wire(layers, image, words)
-    return keras.Model({"image": image, "words": words}, logits, name="attention_captioner")
-
-
-class AttentionStepDecoder:
-    """One decoding step of an attention captioner for a whole batch (notebooks 04 and 06).
-
-    The StepDecoder protocol of models.py, plus `last_attention`: the weights
-    (batch, L) the last `step` used, which the decoders collect when asked
-    for `return_attention=True`. Features are grids, (N, H, W, C) or (N, L, C).
-    """
-
-    def __init__(self, model):
-        layers = {layer.name: layer for layer in model.layers}
-        rnn = layers["decoder_rnn"]
-        self.model, self.units, self.state_count = model, rnn.units, rnn.state_count
-        self.vocab_size = layers["word_logits"].units
-        self.image_shape = tuple(int(size) for size in layers["image"].batch_shape[1:])
-        self.feature_dim = self.image_shape[-1]
-        self.locations = int(np.prod(self.image_shape[:-1]))
-        self.last_attention = None
-
-        image = keras.Input(self.image_shape, name="image")
-        word = keras.Input((1,), dtype="int32", name="word")
-        states = [keras.Input((self.units,), name=f"state_{i}") for i in range(self.state_count)]
-        logits, weights, new_states = wire(layers, image, word, states)
-        self._step_model = keras.Model([word, image, *states], [logits, weights, *new_states],
-                                       name="attention_decoding_step")
-        self._initial_model = keras.Model(image, initial_states(layers, as_locations(image)),
-                                          name="attention_initial_state")
-
-        feature_spec = tf.TensorSpec((None, *self.image_shape), tf.float32)
-        state_specs = [tf.TensorSpec((None, self.units), tf.float32)] * self.state_count
-
-        # Partials, each counted on its own by TensorFlow's retracing warning (see models.StepDecoder).
-        self._initial = tf.function(functools.partial(self._initial_graph), input_signature=[feature_spec])
-        self._step = tf.function(functools.partial(self._step_graph),
-                                 input_signature=[tf.TensorSpec((None,), tf.int32), state_specs, feature_spec])
-
-    def _initial_graph(self, features):
-        return self._initial_model(features, training=False)
-
-    def _step_graph(self, words, states, features):
-        logits, weights, *new_states = self._step_model([words[:, None], features, *states], training=False)
-        return tf.nn.log_softmax(logits[:, 0, :]), weights[:, 0, :], new_states
-
-    def grids(self, features):
-        """Features as the model's image input: (N, L, C) and (N, H, W, C) are both accepted."""
-        features = np.asarray(features, dtype=np.float32)
-        if features.ndim < 2 or features.shape[-1] != self.feature_dim or \
-                int(np.prod(features.shape[1:-1])) != self.locations:
-            raise ValueError(f"features must be grids of {self.locations} locations x {self.feature_dim} "
-                             f"channels, shape (N, {', '.join(map(str, self.image_shape))}); "
-                             f"got {features.shape}")
-        return features.reshape((len(features), *self.image_shape))
-
-    def initial_state(self, features):
-        states = self._initial(self.grids(features))
-        return [state.numpy() for state in (states if isinstance(states, (list, tuple)) else [states])]
-
-    def step(self, words, states, features):
-        words = np.asarray(words, dtype=np.int32).reshape(-1)
-        states = [np.asarray(state, dtype=np.float32) for state in states]
-        log_probs, weights, new_states = self._step(words, states, self.grids(features))
-        self.last_attention = weights.numpy()
-        return log_probs.numpy(), [state.numpy() for state in new_states]
+    return write_words(layers, outputs), states, weights

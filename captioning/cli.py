@@ -4,23 +4,27 @@ Each command is a thin wrapper: it parses arguments, calls the library
 function that the matching notebook teaches, and prints a short summary.
 Library errors (ValueError, FileNotFoundError) are printed as one clear line
 and give exit status 2, rather than a traceback a learner has to decode.
+The choices of --dataset, --encoder, --arch and --preset are the package's
+tables (data.DATASETS, encoders.ENCODERS, architectures.ARCHITECTURES,
+training.PRESETS): register a new one there and the command line offers it.
 """
 
 import argparse
 import sys
 
-DATASETS = ("coco", "flickr8k")
-ENCODERS = ("inception_v3", "mobilenet_v2")
-ARCHITECTURES = ("merge", "init-inject", "pre-inject", "par-inject", "attention")
+from captioning.architectures import ARCHITECTURES
+from captioning.data import DATASETS
+from captioning.encoders import ENCODERS
+from captioning.training import PRESETS
 
 
 def _add_dataset_arguments(parser):
-    parser.add_argument("--dataset", choices=DATASETS, default="coco")
+    parser.add_argument("--dataset", choices=list(DATASETS), default="coco")
     parser.add_argument("--data-dir", required=True, help="folder holding the dataset's annotations and images")
 
 
 def _add_encoder_arguments(parser):
-    parser.add_argument("--encoder", choices=ENCODERS, default="inception_v3")
+    parser.add_argument("--encoder", choices=list(ENCODERS), default="inception_v3")
     parser.add_argument(
         "--weights", default="imagenet",
         help="'imagenet' (Keras downloads them) or the path of a local .weights.h5 file",
@@ -56,11 +60,11 @@ def build_parser():
     train = commands.add_parser("train", help="prepare, cache features and train a captioner")
     _add_dataset_arguments(train)
     _add_encoder_arguments(train)
-    train.add_argument("--arch", choices=ARCHITECTURES, default="merge",
-                       help="attention trains on the CNN's spatial grid (cached with pooling 'none')")
+    train.add_argument("--arch", choices=list(ARCHITECTURES), default="merge",
+                       help="architectures that read grids (attention) cache the CNN's spatial grid")
     train.add_argument("--out", required=True, help="bundle folder to write")
     train.add_argument("--epochs", type=int, default=None, help="default: the preset's")
-    train.add_argument("--preset", choices=("cpu-small", "gpu-full"), default="cpu-small")
+    train.add_argument("--preset", choices=list(PRESETS), default="cpu-small")
     train.add_argument("--self-critical-epochs", type=int, default=None,
                        help="CIDEr-D fine-tuning after teacher forcing (default: the preset's; 0 = none)")
     train.add_argument("--cache-dir", default=None,
@@ -96,7 +100,7 @@ def build_parser():
 
 
 # --- command bodies -------------------------------------------------------------
-# Each returns an exit status. They import lazily so that `--help` is instant.
+# Each returns an exit status.
 
 def cmd_prepare(args):
     from captioning import data
@@ -195,7 +199,7 @@ def cmd_evaluate(args):
     import contextlib
     import json
 
-    from captioning.evaluation import evaluate_bundle
+    from captioning.pipeline import evaluate_bundle
 
     # stdout carries only the metrics JSON, so that `... | jq .coco.CIDEr` works:
     # anything the pipeline prints on the way goes to stderr.

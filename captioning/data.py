@@ -26,7 +26,6 @@ from captioning.fileio import atomic_path, read_json, safe_join, write_json_atom
 from captioning.vocab import Vocabulary, clean_caption
 
 COLUMNS = ["image_id", "file_name", "image_path", "caption", "split"]
-DATASETS = ("coco", "flickr8k")
 
 
 def _table(rows, attrs=None):
@@ -201,27 +200,56 @@ def _coco_annotation_files(data_dir):
     return chosen
 
 
+def _load_coco(data_dir, karpathy_split=None):
+    if karpathy_split:
+        return load_karpathy(karpathy_split, data_dir)
+    parts = [load_coco(path, _coco_image_dir(data_dir, _coco_split_from_name(path)))
+             for path in _coco_annotation_files(data_dir)]
+    df = pd.concat(parts, ignore_index=True)
+    df.attrs["orphan_captions"] = sum(part.attrs["orphan_captions"] for part in parts)
+    return df
+
+
+def _load_flickr8k(data_dir, karpathy_split=None):
+    if karpathy_split:
+        raise ValueError("a Karpathy split file is for COCO only; Flickr8k has its own split files")
+    return load_flickr8k(data_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """What the pipeline needs to know of a dataset: how to load a folder of it, and its splits."""
+    load: object  # (data_dir, karpathy_split=None) -> the caption table
+    train_splits: tuple  # what `train` learns from and the vocabulary is built from
+    validation_splits: tuple  # what early stopping watches and `evaluate` scores by default
+
+
+# The table of datasets: the CLI's --dataset choices and the notebooks read it.
+# COCO's "restval" exists only with Karpathy's split file (dataset_coco.json).
+DATASETS = {
+    "coco": Dataset(_load_coco, ("train", "restval"), ("val",)),
+    "flickr8k": Dataset(_load_flickr8k, ("train",), ("dev",)),
+}
+
+
+def get_dataset(name):
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
 def load_dataset(dataset, data_dir, *, karpathy_split=None, on_disk_only=False):
-    """Load "coco" or "flickr8k" from a data folder into the caption table. Notebook 01.
+    """Load a dataset of the table (DATASETS) from its folder into the caption table. Notebook 01.
 
     With on_disk_only=True, captions of images that are not on disk are dropped
     and df.attrs["dropped_images"] says how many images that was: a classroom
     downloads a subset of COCO, but the annotations list all of it.
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}: choose one of {DATASETS}")
+    spec = get_dataset(dataset)
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder not found: {data_dir}")
-    if dataset == "flickr8k":
-        df = load_flickr8k(data_dir)
-    elif karpathy_split:
-        df = load_karpathy(karpathy_split, data_dir)
-    else:
-        parts = [load_coco(path, _coco_image_dir(data_dir, _coco_split_from_name(path)))
-                 for path in _coco_annotation_files(data_dir)]
-        df = pd.concat(parts, ignore_index=True)
-        df.attrs["orphan_captions"] = sum(part.attrs["orphan_captions"] for part in parts)
+    df = spec.load(data_dir, karpathy_split)
     if on_disk_only:
         df = _keep_on_disk(df, f"{dataset} in {data_dir}")
     return df
@@ -289,9 +317,6 @@ class Prepared:
     out_dir: Path
 
 
-TRAINING_SPLITS = ("train", "restval")
-
-
 def prepare(dataset, data_dir, out_dir, *, min_count=5, max_vocab=None, max_length=20, karpathy_split=None,
             on_disk_only=True):
     """Load, clean, build the vocabulary and write captions.csv, vocabulary.json, report.json. Notebook 01.
@@ -317,7 +342,7 @@ def prepare(dataset, data_dir, out_dir, *, min_count=5, max_vocab=None, max_leng
     report["dropped_empty_captions"] = report["empty_captions"]
     if df.empty:
         raise ValueError(f"no usable captions for {dataset} in {data_dir}: all are empty once cleaned")
-    training = df[df["split"].isin(TRAINING_SPLITS)]
+    training = df[df["split"].isin(get_dataset(dataset).train_splits)]
     source = training if len(training) else df
     vocab = Vocabulary.build(source["clean"], min_count=min_count, max_size=max_vocab, max_length=max_length)
     lengths = df["clean"].str.split().str.len()

@@ -9,7 +9,7 @@ Notebook 04 teaches the three strategies here:
     sample_decode   draw each word at random (with a temperature), for variety
 
 All three talk to the model only through the StepDecoder protocol of
-models.py, so they work for every architecture:
+architectures.py, so they work for every architecture:
 
     decoder.initial_state(features)            -> states (list of arrays, one row per image)
     decoder.step(words, states, features)      -> (log_probs (rows, vocab), new states)
@@ -25,21 +25,22 @@ finished when it emits <end> or when it has `max_length` words (it is then
 kept as it is, without <end>). Its length, for length normalisation, is the
 number of tokens the model chose: its words, plus one for <end> if it has it.
 
-Attention. A decoder that also exposes `last_attention` (the weights over the
-image grid, (rows, L), that its last `step` used: attention.py) lets greedy and
-beam search return, with `return_attention=True`, one row of weights per word
-of the chosen caption (notebook 06). The protocol is otherwise unchanged.
+Attention. A decoder whose `last_attention` holds the weights over the image
+grid, (rows, L), that its last `step` used (architectures that attend) lets
+greedy and beam search return, with `return_attention=True`, one row of
+weights per word of the chosen caption (notebook 06).
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 
-# The course's vocabulary puts <pad> at id 0 (vocab.py). The decoders never
-# emit it, nor <start>: those ids get probability zero at every step. Callers
-# may ban more with `banned_ids`, e.g. vocab.unk_id: a model trained with rare
-# words replaced by <unk> happily predicts it, and users do not want to read it.
-DEFAULT_PAD_ID = 0
+from captioning.vocab import PAD_ID
+
+# The decoders never emit <pad> nor <start>: those ids get probability zero at
+# every step. Callers may ban more with `banned_ids`, e.g. vocab.unk_id: a model
+# trained with rare words replaced by <unk> happily predicts it, and users do
+# not want to read it.
 
 # Length normalisation: score = log_prob / length ** alpha. Log-probabilities
 # only fall as a caption grows, so with alpha = 0 beam search prefers short,
@@ -138,7 +139,7 @@ def _word_by_word(decoder, features, choose, *, start_id, end_id, max_length, pa
     return captions, attention
 
 
-def greedy_decode(decoder, features, *, start_id, end_id, max_length, pad_id=DEFAULT_PAD_ID, banned_ids=(),
+def greedy_decode(decoder, features, *, start_id, end_id, max_length, pad_id=PAD_ID, banned_ids=(),
                   return_attention=False):
     """Caption each image with the most likely word at every step (notebook 04).
 
@@ -156,7 +157,7 @@ def greedy_decode(decoder, features, *, start_id, end_id, max_length, pad_id=DEF
 # --- sampling --------------------------------------------------------------------
 
 def sample_decode(decoder, features, *, start_id, end_id, max_length, temperature=1.0, seed=None,
-                  pad_id=DEFAULT_PAD_ID, banned_ids=()):
+                  pad_id=PAD_ID, banned_ids=()):
     """Caption each image by drawing every word at random from the model (notebook 04).
 
     The temperature reshapes the distribution: below 1 it sharpens towards
@@ -209,7 +210,7 @@ def _ban_repeats(total, beam_words, n):
 
 
 def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3,
-                length_alpha=DEFAULT_LENGTH_ALPHA, n_best=1, pad_id=DEFAULT_PAD_ID, banned_ids=(),
+                length_alpha=DEFAULT_LENGTH_ALPHA, n_best=1, pad_id=PAD_ID, banned_ids=(),
                 return_attention=False, no_repeat_ngram=0):
     """Caption each image with beam search; return its `n_best` hypotheses, best first (notebook 04).
 

@@ -6,30 +6,29 @@ cut off already turns a photo into 1,280 or 2,048 numbers that describe
 what is in it, and computing those once (see features.py) makes training the
 language model fast.
 
-Two encoders, each with the input size and `preprocess_input` it was trained
-with (feeding one network the other's preprocessing silently hurts quality):
+The table ENCODERS lists each network with the input size and
+`preprocess_input` it was trained with (feeding one network the other's
+preprocessing silently hurts quality):
 
     inception_v3   299 px, 2048-d pooled or an 8x8x2048 grid     (the default; ~6 GFLOPs)
     mobilenet_v2   320 px, 1280-d pooled or a 10x10x1280 grid  (~3.5x faster on a laptop CPU)
 
 MobileNetV2 learned ImageNet from 224 px photos, but it is all convolutions,
-so it reads a larger photo as well, and the finer detail helps: on the
-Flickr8k sample, 320 px features raised the CIDEr of held-out captions by
-about 0.04 over 224 px (224 px costs half as much). 448 px costs twice as
-much and lowered dev CIDEr-D by 0.04 (2 seeds), probably because objects
-then look larger than any the network saw in its 224 px ImageNet training.
+so it reads a larger photo as well, and on the Flickr8k sample the finer
+detail of 320 px gave better captions (docs/experiments.md).
 
 `pooling="avg"` averages the grid into one vector (for merge/inject models);
 `pooling=None` keeps the grid, for attention models that look at regions.
 
-`mirror=True` (the default) encodes every photo twice, as it is and flipped
-left to right, and averages the two (a grid's mirrored half is flipped back
-first, so each cell still describes the same place). A photo and its mirror
-image show the same scene, so the average keeps what the scene is and drops
-some of the network's accidental left-right quirks. It costs a second forward
-pass, once, when the features are cached. On the Flickr8k sample it lowered
-the validation loss and raised held-out CIDEr by about 0.02 in a single-seed
-comparison, no more than the spread between seeds: a small, cheap gain.
+`mirror=True` encodes every photo twice, as it is and flipped left to right,
+and averages the two (a grid's mirrored half is flipped back first, so each
+cell still describes the same place): test-time augmentation, at twice the
+encoding cost. docs/experiments.md has what it does to caption quality.
+
+What identifies features (IDENTITY: the network, its weights, input size,
+pooling, mirroring) travels as one dict, from the feature cache's manifest
+into a bundle's bundle.json, so that a new photo is encoded exactly as the
+training photos were (`build_encoder_like`).
 """
 
 import hashlib
@@ -67,6 +66,9 @@ ENCODERS = {
                                 "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"),
 }
 
+IDENTITY = ("encoder", "weights_id", "image_size", "pooling", "mirror", "feature_shape")
+MIRROR = True  # the default; see the top of the file
+
 # Downloading ImageNet weights must not hang a class on a dead network:
 # give up on a silent connection after this many seconds.
 DOWNLOAD_TIMEOUT_S = 30
@@ -96,16 +98,17 @@ def _weights_file(weights):
 
 
 def _file_id(path):
-    """A weights file's identity: its name and the start of its sha256, so that two
-    different files with the same name never share a feature cache."""
+    """A weights file's identity: the start of its sha256. Its content, not its name: two
+    different files called the same never share a feature cache, and the same file copied
+    under another name is still the same weights."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return f"{Path(path).name}:sha256:{digest.hexdigest()[:16]}"
+    return f"sha256:{digest.hexdigest()[:16]}"
 
 
-def encoder_settings(name="inception_v3", weights="imagenet", pooling="avg", mirror=True):
+def encoder_settings(name="inception_v3", weights="imagenet", pooling="avg", mirror=MIRROR):
     """What identifies an encoder's features, computed without building the network.
 
     The feature cache compares these with its manifest, so that a finished
@@ -134,7 +137,7 @@ class Encoder:
     model: keras.Model
     preprocess: Callable
     weights: str = "none"  # "imagenet", the weights file's absolute path, or "none" (random)
-    mirror: bool = True  # average each photo's features with its left-right mirror image's
+    mirror: bool = MIRROR  # average each photo's features with its left-right mirror image's
     _forward: Callable = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -207,7 +210,7 @@ def _seeded_random_weights(model, seed=0):
     model.set_weights(values)
 
 
-def build_encoder(name="inception_v3", weights="imagenet", pooling="avg", mirror=True):
+def build_encoder(name="inception_v3", weights="imagenet", pooling="avg", mirror=MIRROR):
     """Build a headless ImageNet CNN: weights "imagenet" (Keras downloads them once into
     ~/.keras/models), the path of a local .weights.h5 file, or None / "none" (random but
     the same on every build: for tests and offline runs).
@@ -244,6 +247,20 @@ def build_encoder(name="inception_v3", weights="imagenet", pooling="avg", mirror
     return Encoder(weights=source, name=name, weights_id=weights_id, image_size=spec.image_size, pooling=pooling,
                    feature_shape=tuple(model.output_shape[1:]), model=model, preprocess=module.preprocess_input,
                    mirror=bool(mirror))
+
+
+def build_encoder_like(settings, weights=None, where="the encoder settings"):
+    """Build the encoder that `settings` (a feature cache's manifest, a bundle's "encoder")
+    describe, its weights from where they say or from `weights` (the same file moved). Raises
+    ValueError naming `where` when the weights found are not the ones recorded."""
+    encoder = build_encoder(settings["encoder"], weights=weights or settings["weights"],
+                            pooling=settings["pooling"], mirror=settings["mirror"])
+    found = encoder.settings()
+    different = [f"{key} {found[key]!r} != {settings[key]!r}" for key in IDENTITY if found[key] != settings[key]]
+    if different:
+        raise ValueError(f"encoder weights {weights or settings['weights']!r} are not the ones recorded in {where} "
+                         f"({'; '.join(different)}): pass the weights file the features were made with")
+    return encoder
 
 
 def encode_images(encoder, paths, batch_size=32):

@@ -14,9 +14,8 @@ and a score does not depend on which tokenizer happened to be installed. Papers
 that ran PTBTokenizer split "man's" into "man 's" where we write "mans": the
 numbers are comparable in trend, not to the third decimal.
 
-`evaluate_bundle`, which captions a whole split with a trained bundle and writes
-metrics.json and captions.json, lives in `captioning.evaluate_run`; it is
-re-exported here so `from captioning.evaluation import evaluate_bundle` works.
+This module is pure metrics: captions in, numbers out. Captioning a whole
+split with a bundle and writing the run's files is `pipeline.evaluate_bundle`.
 """
 
 import shutil
@@ -128,7 +127,6 @@ def coco_scores_per_image(references, hypotheses, *, meteor=True, meteor_timeout
     """`coco_scores` plus {image id: {metric: score}} for each image (used to find
     the best and worst captioned images in notebook 05)."""
     from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
     ids, reference_tokens, hypothesis_tokens = _paired_tokens(references, hypotheses)
@@ -159,7 +157,8 @@ def coco_scores_per_image(references, hypotheses, *, meteor=True, meteor_timeout
             scores["METEOR"] = None
             unavailable["METEOR"] = f"the METEOR scorer (Java) failed: {error}"
     record("ROUGE_L", *Rouge().compute_score(gts, res))
-    record("CIDEr", *Cider().compute_score(gts, res))
+    cider = cider_d(list(gts.values()), [hypothesis for [hypothesis] in res.values()])
+    record("CIDEr", cider.mean(), cider)
     scores["SPICE"] = None
     unavailable["SPICE"] = SPICE_UNAVAILABLE
     scores["unavailable"] = unavailable
@@ -210,6 +209,24 @@ def _meteor(gts, res, *, timeout):
             watchdog.cancel()
             process.kill()
             process.wait()
+
+
+def cider_d(references, candidates):
+    """CIDEr-D of each candidate caption against its list of references (pycocoevalcap's Cider):
+    the one implementation that evaluation and self-critical training (its reward) share.
+
+    Both are already tokenised text (space-joined `tokenize` output). Document
+    frequencies come from the references given, so pass all of them at once; the
+    same reference list repeated for several candidates of one image leaves the
+    idf weights unchanged. The toolkit's corpus CIDEr-D is the mean of these.
+    """
+    from pycocoevalcap.cider.cider import Cider
+    if not candidates:
+        return np.zeros(0)
+    gts = {index: list(refs) for index, refs in enumerate(references)}
+    # The toolkit cannot score an empty caption; a word that no reference uses scores the same zero.
+    res = {index: [candidate if candidate.strip() else "<empty>"] for index, candidate in enumerate(candidates)}
+    return np.asarray(Cider().compute_score(gts, res)[1], dtype=np.float64)
 
 
 def diversity(hypotheses, training_captions):
@@ -268,10 +285,8 @@ def bootstrap_intervals(references, hypotheses, *, cider_per_image=None, resampl
         raise ValueError(f"resamples must be at least 1, got {resamples}")
     ids, reference_tokens, hypothesis_tokens = _paired_tokens(references, hypotheses)
     if cider_per_image is None:
-        from pycocoevalcap.cider.cider import Cider
-        gts = {image_id: [" ".join(tokens) for tokens in refs] for image_id, refs in zip(ids, reference_tokens)}
-        res = {image_id: [" ".join(tokens)] for image_id, tokens in zip(ids, hypothesis_tokens)}
-        cider_per_image = dict(zip(ids, Cider().compute_score(gts, res)[1]))
+        cider_per_image = dict(zip(ids, cider_d([[" ".join(tokens) for tokens in refs] for refs in reference_tokens],
+                                               [" ".join(tokens) for tokens in hypothesis_tokens])))
     cider = np.array([cider_per_image[image_id] for image_id in ids], dtype=np.float64)
 
     # Each draw is a count per image (how often it was drawn), so a draw's sums are one matrix product.
@@ -330,11 +345,3 @@ def results_table(runs, columns=TABLE_COLUMNS):
         rows[name] = {column: flat.get(column) for column in columns}
     return pd.DataFrame.from_dict(rows, orient="index", columns=list(columns)).astype(float)
 
-
-def evaluate_bundle(bundle_dir, dataset, data_dir, split, *, beam_width=3, out_dir=None, cache_dir=None,
-                    karpathy_split=None, meteor=True):
-    """Caption a held-out split with a saved bundle and score it (notebook 05); see `captioning.evaluate_run`."""
-    from captioning.evaluate_run import evaluate_bundle as run
-
-    return run(bundle_dir, dataset, data_dir, split, beam_width=beam_width, out_dir=out_dir,
-               cache_dir=cache_dir, karpathy_split=karpathy_split, meteor=meteor)

@@ -1,12 +1,18 @@
-"""The `train` command end to end: prepared data -> feature cache -> teacher forcing ->
-self-critical fine-tuning -> a saved bundle (notebook 03 does the same steps one cell
-at a time; notebooks 05 and 06 call train_pipeline for their experiments).
+"""The `train` and `evaluate` commands end to end (notebooks 03 and 05).
 
-Every stage caches: the prepared table and the features are reused by the next
-run when they were made from the same data with the same settings, so training
-a second architecture (notebook 05) or a second seed costs the training only.
+    train_pipeline    prepared data -> feature cache -> teacher forcing ->
+                      self-critical fine-tuning -> a saved bundle
+    evaluate_bundle   a bundle + a held-out split -> captions, scores,
+                      metrics.json and captions.json
+
+Notebook 03 does the training steps one cell at a time; notebooks 05 and 06
+call both functions for their experiments. Every stage caches: the prepared
+table and the features are reused by the next run when they were made from the
+same data with the same settings, so training a second architecture or a
+second seed costs the training only, and evaluating costs the captioning only.
 """
 
+import sys
 import time
 from pathlib import Path
 
@@ -16,23 +22,20 @@ tf = quiet_tensorflow()
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from captioning.models import build_captioner  # noqa: E402
-from captioning.training import (MODEL_KEYS, fit_captioner, gather_features, make_dataset,  # noqa: E402
-                                 preset_settings)
+from captioning import architectures, encoders  # noqa: E402
+from captioning.data import get_dataset, load_dataset, load_prepared, prepare  # noqa: E402
+from captioning.evaluation import bleu_scores, bootstrap_intervals, coco_scores_per_image, diversity  # noqa: E402
+from captioning.features import FeatureStore, cache_features  # noqa: E402
+from captioning.fileio import work_paths, write_json_atomic  # noqa: E402
+from captioning.training import MODEL_KEYS, fit_captioner, gather_features, make_dataset, preset_settings  # noqa: E402
 
-
-def split_names(dataset, karpathy_split=None):
-    """(training splits, validation splits) for each dataset's official splits."""
-    if dataset == "flickr8k":
-        return ("train",), ("dev",)
-    if dataset == "coco":
-        return (("train", "restval"), ("val",)) if karpathy_split else (("train",), ("val",))
-    raise ValueError(f"dataset must be 'coco' or 'flickr8k', got {dataset!r}")
+# Captioning in chunks keeps beam search's working memory (chunk x beam x vocabulary
+# log-probabilities) small on a full 5,000-image COCO split.
+CHUNK = 500
 
 
 def _prepared_data(dataset, data_dir, prepared_dir, settings, karpathy_split, log):
     """Reuse the prepared folder when it was made from the same data with the same settings."""
-    from captioning.data import load_prepared, prepare
     wanted = {"dataset": dataset, "data_dir": str(Path(data_dir).resolve()),
               "min_count": settings["min_count"], "max_length": settings["max_length"],
               "karpathy": bool(karpathy_split)}
@@ -53,14 +56,13 @@ def _prepared_data(dataset, data_dir, prepared_dir, settings, karpathy_split, lo
                    max_length=settings["max_length"], karpathy_split=karpathy_split)
 
 
-def _feature_store(captions, features_dir, encoder, weights, log, pooling="avg"):
+def _feature_store(images, features_dir, encoder, weights, pooling, log):
     """The feature cache of every image in the table. cache_features returns at once when
     the cache already holds exactly these images with this encoder, and resumes a
     half-finished one."""
-    from captioning.features import FeatureStore, cache_features
-    images = captions.drop_duplicates("image_id")[["image_id", "image_path"]]
+    images = images.drop_duplicates("image_id")[["image_id", "image_path"]]
     log(f"feature cache: {features_dir} ({len(images)} images, {encoder})")
-    report = cache_features(images, features_dir, encoder=encoder, weights=weights, pooling=pooling)
+    report = cache_features(images, features_dir, encoder=encoder, weights=weights, pooling=pooling, progress=False)
     if report.skipped:
         log(f"  {len(report.skipped)} unreadable image(s) skipped, e.g. {report.skipped[0][1]}: "
             f"{report.skipped[0][2]}")
@@ -90,15 +92,11 @@ def history_metrics(history, seconds=None):
 
 
 def bundle_settings(arch, dataset, store, settings, metrics, **extra):
-    """bundle.json's fields: the encoder's identity comes from the feature cache's manifest,
-    so that `caption` encodes new photos exactly as the training images were."""
-    manifest = store.manifest
-    return {"arch": arch, "dataset": dataset, "encoder": manifest["encoder"], "weights": manifest["weights"],
-            "weights_id": manifest["weights_id"], "pooling": manifest.get("pooling", "avg"),
-            "image_size": manifest.get("image_size"), "mirror": manifest.get("mirror", False),
-            "training": settings, "metrics": metrics,
-            "decoding": {"length_alpha": settings["length_alpha"], "no_repeat_ngram": settings["no_repeat_ngram"],
-                         "guidance": settings["guidance"]},
+    """bundle.json's fields. The encoder's identity comes from the feature cache's manifest,
+    so that `caption` encodes new photos exactly as the training photos were."""
+    encoder = {key: store.manifest[key] for key in ("weights", *encoders.IDENTITY)}
+    return {"arch": arch, "dataset": dataset, "encoder": encoder, "training": settings, "metrics": metrics,
+            "decoding": {"length_alpha": settings["length_alpha"], "no_repeat_ngram": settings["no_repeat_ngram"]},
             **extra}
 
 
@@ -118,22 +116,21 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
                    cache_dir=None, karpathy_split=None, seed=0, strategy=None, log=print, **overrides):
     """Prepare, cache features, train and save a bundle; what `python -m captioning train` runs.
 
-    Flickr8k trains on the official train split and early-stops on dev; COCO
-    on train2017 / val2017, or Karpathy's train+restval / val with karpathy_split.
-    Prepared data and features are cached under cache_dir (default data/work)
-    and reused by the next run. Returns the bundle folder. Notebook 03.
-    arch="attention" trains on the spatial grids (pooling "none", their own cache folder; notebook 06).
+    Trains on the dataset's training splits and early-stops on its validation
+    splits (data.DATASETS). Prepared data and features are cached under
+    cache_dir (default data/work) and reused by the next run; an architecture
+    that reads grids (attention, notebook 06) has its own feature cache.
+    Returns the bundle folder. Notebook 03.
     """
     from captioning.bundle import save_bundle
-    from captioning.fileio import work_paths
     settings = preset_settings(preset, epochs=epochs, **overrides)
-    pooling = "none" if arch == "attention" else "avg"  # attention looks at the grid
-    paths = work_paths(cache_dir or "data/work", dataset, encoder=encoder, pooling=pooling)
+    pooling = architectures.pooling(arch)
+    paths = work_paths(cache_dir or "data/work", dataset, encoder=encoder, pooling=pooling or "none")
     prepared = _prepared_data(dataset, data_dir, paths["prepared"], settings, karpathy_split, log)
-    store = _feature_store(prepared.captions, paths["features"], encoder, weights, log,
-                           pooling=None if pooling == "none" else pooling)
+    store = _feature_store(prepared.captions, paths["features"], encoder, weights, pooling, log)
 
-    train_splits, val_splits = split_names(dataset, karpathy_split)
+    spec = get_dataset(dataset)
+    train_splits, val_splits = spec.train_splits, spec.validation_splits
     train_arrays = caption_arrays(prepared.captions, train_splits, store, prepared.vocab)
     val_arrays = caption_arrays(prepared.captions, val_splits, store, prepared.vocab)
     if len(train_arrays[1]) == 0:
@@ -146,9 +143,9 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
     train_data = make_dataset(*train_arrays, batch_size=batch, seed=seed)
     val_data = make_dataset(*val_arrays, batch_size=batch, shuffle=False) if len(val_arrays[1]) else None
     with (strategy or tf.distribute.get_strategy()).scope():
-        model = build_captioner(arch, vocab_size=len(prepared.vocab), feature_dim=store.feature_shape[-1],
-                                grid_shape=store.feature_shape[:-1], max_length=prepared.vocab.max_length,
-                                **{key: settings[key] for key in MODEL_KEYS})
+        model = architectures.build_captioner(arch, vocab_size=len(prepared.vocab), feature_shape=store.feature_shape,
+                                              max_length=prepared.vocab.max_length,
+                                              **{key: settings[key] for key in MODEL_KEYS})
     out_dir = Path(out_dir)
     run_dir = out_dir / "training"
     started = time.perf_counter()
@@ -165,3 +162,110 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
     (run_dir / "best.keras").unlink(missing_ok=True)  # the bundle's model.keras holds the same weights
     log(f"bundle written to {out_dir} ({metrics})")
     return out_dir
+
+
+# --- evaluate ------------------------------------------------------------------------
+
+def _split_images(df, dataset, data_dir, split):
+    """{image id: (file name, absolute path)} and {image id: [raw references]} of one split."""
+    rows = df[df["split"] == split]
+    if rows.empty:
+        available = sorted(df["split"].unique())
+        raise ValueError(f"split {split!r} has no images on disk for {dataset} in {data_dir} "
+                         f"(splits with images: {', '.join(available) or 'none'})")
+    images, references = {}, {}
+    for row in rows.itertuples(index=False):
+        images[row.image_id] = (row.file_name, row.image_path)
+        references.setdefault(row.image_id, []).append(row.caption)
+    return images, references
+
+
+def _evaluation_features(captioner, df, images, dataset, cache_dir):
+    """Features of the split's images from the shared cache, filling the cache first if it lacks some.
+
+    The cache folder is the one `train` and notebook 02 use, so a split that was
+    cached before costs nothing. A cache holds exactly the images it was last
+    asked for, so when images are missing we ask for every image of the dataset
+    on disk (as `train` does), never for this split alone, which would replace
+    the training features. Unreadable images are reported, not fatal. Features
+    made by another encoder than the bundle's give fluent nonsense, silently:
+    they are refused.
+    """
+    trained = captioner.settings["encoder"]
+    folder = work_paths(cache_dir, dataset, trained["encoder"], trained["pooling"])["features"]
+    try:
+        store = FeatureStore.open(folder)
+        unreadable = {image_id for image_id, _, _ in store.skipped}
+        missing = [image_id for image_id in images if image_id not in store and image_id not in unreadable]
+    except (FileNotFoundError, ValueError):
+        missing = list(images)
+    if missing:
+        print(f"caching {trained['encoder']} features into {folder} ({len(missing)} images of "
+              "the split were not cached)", file=sys.stderr)
+        encoder = encoders.build_encoder_like(trained, where=f"{captioner.bundle_dir}/bundle.json field 'encoder'")
+        cache_features(df[["image_id", "image_path"]], folder, encoder=encoder, progress=False)
+    store = FeatureStore.open(folder, expect=trained)
+    skipped = [{"id": image_id, "path": path, "reason": reason}
+               for image_id, path, reason in store.skipped if image_id in images]
+    ids = [image_id for image_id in images if image_id in store]
+    return ids, store.get_many(ids), skipped
+
+
+def evaluate_bundle(bundle_dir, dataset, data_dir, split, *, beam_width=3, out_dir=None, cache_dir=None,
+                    karpathy_split=None, meteor=True):
+    """Caption the `split` images of `dataset` with the bundle and score them; `evaluate` (notebook 05).
+
+    References: every caption of each image on disk in `load_dataset(dataset,
+    data_dir)`. Features: the shared cache under cache_dir (default data/work),
+    extended with any image it lacks. Decoding: beam search of width
+    `beam_width`. Writes metrics.json (scores, bootstrap intervals, diversity,
+    settings) and captions.json (per image: caption, references, own scores)
+    into `out_dir` (default: BUNDLE/eval-SPLIT), atomically, and returns the metrics.
+    """
+    from captioning.bundle import Captioner
+
+    start = time.perf_counter()
+    bundle_dir = Path(bundle_dir)
+    if not isinstance(beam_width, int) or beam_width < 1:
+        raise ValueError(f"beam width must be a positive integer, got {beam_width!r}")
+    captioner = Captioner.load(bundle_dir)
+    settings = captioner.settings
+    if settings["dataset"] != dataset:
+        print(f"note: {bundle_dir} was trained on {settings['dataset']}, evaluated here on {dataset}", file=sys.stderr)
+    df = load_dataset(dataset, data_dir, karpathy_split=karpathy_split, on_disk_only=True)
+    images, raw_references = _split_images(df, dataset, data_dir, split)
+    ids, features, skipped = _evaluation_features(captioner, df, images, dataset, cache_dir or "data/work")
+    if not ids:
+        raise ValueError(f"none of the {len(images)} {split!r} images could be read: {skipped[:3]}")
+
+    generated = []
+    for first in range(0, len(ids), CHUNK):
+        generated += captioner.caption_features(features[first:first + CHUNK], beam_width=beam_width)
+    hypotheses = dict(zip(ids, generated))
+    references = {image_id: raw_references[image_id] for image_id in ids}
+    training = df.loc[df["split"].isin(settings["train_splits"]), "caption"]
+
+    coco, per_image = coco_scores_per_image(references, hypotheses, meteor=meteor)
+    metrics = {
+        "bundle": str(bundle_dir), "arch": settings["arch"], "dataset": dataset, "split": split,
+        "encoder": settings["encoder"]["encoder"], "beam_width": beam_width,
+        "karpathy_split": str(karpathy_split) if karpathy_split else None,
+        "images": len(ids), "skipped_images": skipped,
+        "coco": coco, "bleu_nltk": bleu_scores(references, hypotheses),
+        "intervals": bootstrap_intervals(references, hypotheses,
+                                         cider_per_image={key: value["CIDEr"] for key, value in per_image.items()}),
+        "diversity": diversity(hypotheses, training),
+        "tokenization": "captioning.vocab.clean_caption, space-joined, for nltk and the COCO toolkit alike",
+    }
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
+
+    out_dir = Path(out_dir) if out_dir else bundle_dir / f"eval-{split}"
+    captions = [
+        {"id": image_id, "file": images[image_id][0], "path": str(images[image_id][1]),
+         "caption": hypotheses[image_id], "references": references[image_id], "scores": per_image[image_id]}
+        for image_id in ids
+    ]
+    write_json_atomic(out_dir / "captions.json", captions)
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    metrics["out_dir"] = str(out_dir)
+    return metrics

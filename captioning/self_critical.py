@@ -36,8 +36,9 @@ import contextlib
 
 import numpy as np
 
+from captioning.architectures import make_step_decoder
 from captioning.decoding import beam_search, sample_decode
-from captioning.models import make_step_decoder
+from captioning.evaluation import cider_d
 from captioning.training import compile_captioner, gather_features, make_dataset
 
 
@@ -47,21 +48,6 @@ def references_by_image(captions, splits, store):
     groups = part.groupby("image_id")["clean"].apply(list)
     features, _ = gather_features(store, groups.index.tolist())  # sorted ids, like groups
     return features, groups.tolist()
-
-
-def cider_d(references, candidates):
-    """CIDEr-D (pycocoevalcap) of each candidate caption against its list of references.
-
-    Document frequencies come from the references given, so pass all of them
-    at once; the same reference list repeated for several candidates of one
-    image leaves the idf weights unchanged.
-    """
-    from pycocoevalcap.cider.cider import Cider
-    if not candidates:
-        return np.zeros(0)
-    gts = {index: list(refs) for index, refs in enumerate(references)}
-    res = {index: [candidate if candidate.strip() else "<empty>"] for index, candidate in enumerate(candidates)}
-    return np.asarray(Cider().compute_score(gts, res)[1], dtype=np.float64)
 
 
 def _encode(vocab, rows):

@@ -20,65 +20,24 @@ tf = quiet_tensorflow()
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-PAD_ID = 0  # vocab.py puts <pad> at id 0
+from captioning.vocab import PAD_ID  # noqa: E402
 
 # What a learner changes first. `cpu-small` trains the Flickr8k sample on a
-# laptop CPU in minutes; it is heavily regularised because 753 training
-# images are very few. Its values were chosen by CIDEr on held-out images: the
-# dev split and 113 training images set aside (so that the number is not the
-# one early stopping picked), two seeds each. What helped:
-#   * the encoder's 320 px mirrored features (+0.03, encoders.py);
-#   * self-critical fine-tuning (+0.03 to +0.04), keeping the mean weights of
-#     its last 5 epochs rather than the best-scoring one (6 runs: BLEU-4
-#     +0.004 on average, higher in 4; CIDEr-D the same; and the validation
-#     score is no longer the maximum of 10 noisy ones; self_critical.py);
-#   * word dropout 0.35 (+0.01 to +0.02, after fine-tuning only);
-#   * in beam search: never emitting <unk>, length_alpha 1.0, and
-#     no_repeat_ngram 2 (no pair of words twice: CIDEr-D rose for all 8
-#     models tried, by 0.01 on average; BLEU-4 barely moved).
-# What did not: 60 epochs instead of 30 (word dropout keeps the validation
-# loss falling slowly until about epoch 40), 20 self-critical epochs, 10
-# samples per image instead of 5, a reward that adds BLEU-4 to CIDEr-D,
-# label smoothing, 128 or 512 units, a hidden output layer, feature
-# normalisation, min_count 3 or 8, and the inject variants. Nor, in the
-# fine-tuning (4 seeds, 226 held-out images): a learning rate of 1e-4 or 2e-5
-# (-0.01 and -0.02 CIDEr-D), switching dropout off (-0.02), keeping word
-# dropout on, or 16 epochs averaging the last 8. Training on random crops
-# (four 80% corners besides the whole photo) raised teacher-forced CIDEr-D
-# by 0.01-0.02, and nothing was left of it after fine-tuning. Averaging the
-# predictions of two fine-tuned models (an ensemble) moved dev CIDEr-D by
-# -0.016 to +0.022 over 6 pairs (+0.006 on average), for twice the training.
-# Nor, after fine-tuning (226 held-out images, mean CIDEr-D change over
-# seeds): an output layer tied to the word embedding (-0.012, 2 seeds),
-# concatenating the image instead of adding it (-0.019, 2), a cosine
-# learning-rate decay (-0.011, 2), a GRU (-0.015, 4), a moving average of the
-# teacher-forced weights (+0.001 and BLEU-4 -0.006, 4), and features averaged
-# over five views, the whole photo and its four 80% corners (-0.004, 4; +0.013
-# on the first two seeds: a two-seed gain had to hold on two more). Nor more
-# text: pretraining the language side on the 29,435 captions of the official
-# train split's images (most without photos here) lowered the validation loss
-# from 2.87 to 2.72 and CIDEr-D from 0.39 to 0.31 (2 seeds: a better language
-# model that looks less at the photo); mixing those captions into training
-# (-0.017, 1 seed) or keeping only their word embeddings (-0.03, 1) did not
-# help either, nor batches of 32 (-0.02, 1). Nor, on the 113 dev images with
-# this preset as `train` runs it (4 seeds; it scored CIDEr-D 0.395, from 0.385
-# to 0.408, and BLEU-4 0.167): word dropout 0.5 (CIDEr-D -0.001, BLEU-4 -0.001),
-# 448 px features (-0.043, 2 seeds; encoders.py), or the grid's maximum beside
-# its mean (2,560 numbers, the maxima scaled to the means' size: CIDEr-D -0.010,
-# lower for 3 seeds; BLEU-4 +0.012, higher for 3: a trade, not a gain).
-# Seeds alone move CIDEr by +-0.03 on 113 images.
-# `gpu-full` is for COCO (~118k images); its values are untested here.
+# laptop CPU in minutes; 753 training images are very few, so it is heavily
+# regularised (dropout, word dropout). Each value was chosen by CIDEr-D on
+# held-out images; docs/experiments.md records what was tried, kept and dropped.
+# `gpu-full` is for COCO (~118k images) on a GPU; its values are untested here.
 PRESETS = {
-    "cpu-small": dict(embed_dim=256, units=256, rnn="lstm", dropout=0.5, merge_mode="add",
-                      word_dropout=0.35, batch_size=64, learning_rate=1e-3, epochs=30, patience=4, label_smoothing=0.0,
-                      min_count=5, max_length=20, length_alpha=1.0, no_repeat_ngram=2, guidance=0.0,
+    "cpu-small": dict(embed_dim=256, units=256, rnn="lstm", dropout=0.5, word_dropout=0.35,
+                      batch_size=64, learning_rate=1e-3, epochs=30, patience=4, label_smoothing=0.0,
+                      min_count=5, max_length=20, length_alpha=1.0, no_repeat_ngram=2,
                       self_critical_epochs=10, self_critical_learning_rate=5e-5, self_critical_average=5),
-    "gpu-full": dict(embed_dim=512, units=512, rnn="lstm", dropout=0.5, merge_mode="add",
-                     word_dropout=0.0, batch_size=256, learning_rate=5e-4, epochs=30, patience=3, label_smoothing=0.0,
-                     min_count=5, max_length=20, length_alpha=0.7, no_repeat_ngram=0, guidance=0.0,
+    "gpu-full": dict(embed_dim=512, units=512, rnn="lstm", dropout=0.5, word_dropout=0.0,
+                     batch_size=256, learning_rate=5e-4, epochs=30, patience=3, label_smoothing=0.0,
+                     min_count=5, max_length=20, length_alpha=0.7, no_repeat_ngram=0,
                      self_critical_epochs=10, self_critical_learning_rate=5e-5, self_critical_average=0),
 }
-MODEL_KEYS = ("embed_dim", "units", "rnn", "dropout", "merge_mode", "word_dropout")
+MODEL_KEYS = ("embed_dim", "units", "rnn", "dropout", "word_dropout")  # the preset values build_captioner takes
 
 
 def preset_settings(preset="cpu-small", **overrides):
@@ -164,7 +123,7 @@ class MaskedAccuracy(keras.metrics.Metric):
 def gather_features(store, image_ids, chunk=256):
     """Load each distinct image's features once: -> (features (M, *shape), rows (N,)) with
     features[rows[i]] belonging to image_ids[i] (five captions share one image). They keep the
-    cache's float16 (attention's grids are 49 vectors each): make_dataset casts per batch."""
+    cache's float16 (attention's grids are 64 or 100 vectors each): make_dataset casts per batch."""
     distinct, rows = np.unique(np.asarray(image_ids, dtype=str), return_inverse=True)
     features = np.empty((len(distinct), *store.feature_shape), dtype=np.float16)
     for first in range(0, len(distinct), chunk):

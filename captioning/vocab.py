@@ -27,6 +27,7 @@ from captioning.fileio import read_json, write_json_atomic
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
+PAD_ID, START_ID, END_ID, UNK_ID = range(len(SPECIALS))  # every other module takes the ids from here
 FORMAT = "captioning-vocabulary"
 VERSION = 1
 
@@ -68,7 +69,7 @@ class Vocabulary:
         self.min_count = min_count
         self.max_size = max_size
         self.index = {word: i for i, word in enumerate(words)}
-        self.pad_id, self.start_id, self.end_id, self.unk_id = 0, 1, 2, 3
+        self.pad_id, self.start_id, self.end_id, self.unk_id = PAD_ID, START_ID, END_ID, UNK_ID
 
     @classmethod
     def build(cls, cleaned_captions, min_count=5, max_size=None, max_length=20):

@@ -15,7 +15,7 @@ import keras  # noqa: E402
 from captioning.attention import doubly_stochastic_penalty  # noqa: E402
 from captioning.bundle import Captioner, save_bundle  # noqa: E402
 from captioning.decoding import beam_search, greedy_decode  # noqa: E402
-from captioning.models import build_captioner, make_step_decoder  # noqa: E402
+from captioning.architectures import build_captioner, make_step_decoder  # noqa: E402
 from captioning.training import fit_captioner, make_dataset  # noqa: E402
 from captioning.vocab import Vocabulary  # noqa: E402
 from conftest import run_cli  # noqa: E402
@@ -25,8 +25,8 @@ VOCAB, LENGTH = 23, 5
 
 def tiny_attention(grid_shape, channels, rnn="lstm", seed=1, **options):
     keras.utils.set_random_seed(seed)
-    return build_captioner("attention", vocab_size=VOCAB, feature_dim=channels, max_length=LENGTH,
-                           grid_shape=grid_shape, embed_dim=6, units=8, rnn=rnn, dropout=0.3, **options)
+    return build_captioner("attention", vocab_size=VOCAB, feature_shape=(*grid_shape, channels), max_length=LENGTH,
+                           embed_dim=6, units=8, rnn=rnn, dropout=0.3, **options)
 
 
 def random_inputs(grid_shape, channels, batch=3, seed=0):
@@ -50,7 +50,8 @@ def replay(decoder, grids, words):
 
 # --- shapes and distributions -----------------------------------------------------------
 
-@pytest.mark.parametrize("grid_shape, channels", [((8, 8), 2048), ((7, 7), 1280)], ids=["inception_v3", "mobilenet_v2"])
+@pytest.mark.parametrize("grid_shape, channels", [((8, 8), 2048), ((10, 10), 1280)],
+                         ids=["inception_v3", "mobilenet_v2"])
 def test_encoder_grids_shapes_and_weights_that_sum_to_one(grid_shape, channels):
     model = tiny_attention(grid_shape, channels)
     grids, words = random_inputs(grid_shape, channels)
@@ -67,7 +68,7 @@ def test_encoder_grids_shapes_and_weights_that_sum_to_one(grid_shape, channels):
     assert (weights >= 0).all()
     # The one-step decoder reuses the trained layers: same numbers as the full-sequence model.
     np.testing.assert_allclose(log_probs, tf.nn.log_softmax(logits).numpy(), atol=1e-5)
-    with pytest.raises(ValueError, match="grids"):
+    with pytest.raises(ValueError, match="features must have shape"):
         decoder.initial_state(grids[:, :, :, :10])
 
 
@@ -82,7 +83,7 @@ def test_gru_variant_and_vectors_as_a_one_location_grid():
 
 def test_the_other_architectures_refuse_grids():
     with pytest.raises(ValueError, match="grid"):
-        build_captioner("merge", vocab_size=5, feature_dim=3, max_length=4, grid_shape=(7, 7))
+        build_captioner("merge", vocab_size=5, feature_shape=(7, 7, 3), max_length=4)
 
 
 # --- the doubly stochastic penalty ---------------------------------------------------------
@@ -135,8 +136,8 @@ def where_data(count, seed):
 def train_where(arch, grids, captions, vocab, epochs):
     keras.utils.set_random_seed(0)
     grid_shape = grids.shape[1:-1]
-    model = build_captioner(arch, vocab_size=len(vocab), feature_dim=CHANNELS, max_length=vocab.max_length,
-                            grid_shape=grid_shape, embed_dim=16, units=32, dropout=0.0)
+    model = build_captioner(arch, vocab_size=len(vocab), feature_shape=(*grid_shape, CHANNELS),
+                            max_length=vocab.max_length, embed_dim=16, units=32, dropout=0.0)
     data = make_dataset(grids, np.arange(len(grids)), vocab.encode_batch(captions), batch_size=32, seed=0)
     fit_captioner(model, data, epochs=epochs, learning_rate=1e-2, patience=epochs, verbose=0)
     return model
@@ -203,7 +204,7 @@ def test_beam_search_carries_each_hypothesis_own_weights(where):
 
 
 def test_asking_a_merge_decoder_for_attention_is_a_clear_error():
-    model = build_captioner("merge", vocab_size=VOCAB, feature_dim=4, max_length=LENGTH, units=8, embed_dim=6)
+    model = build_captioner("merge", vocab_size=VOCAB, feature_shape=4, max_length=LENGTH, units=8, embed_dim=6)
     with pytest.raises(ValueError, match="attention"):
         greedy_decode(make_step_decoder(model), np.ones((2, 4)), start_id=1, end_id=2, max_length=LENGTH,
                       return_attention=True)
@@ -213,10 +214,9 @@ def test_asking_a_merge_decoder_for_attention_is_a_clear_error():
 
 def test_bundle_round_trip_in_safe_mode(where, tmp_path):
     model, vocab = where
-    settings = {"arch": "attention", "dataset": "synthetic", "encoder": "mobilenet_v2", "weights": "imagenet",
-                "weights_id": "imagenet", "pooling": "none"}
+    settings = {"arch": "attention", "dataset": "synthetic", "encoder": {"encoder": "mobilenet_v2", "pooling": "none"}}
     bundle = save_bundle(tmp_path / "bundle", model, vocab, settings)
-    assert json.loads((bundle / "bundle.json").read_text())["feature_dim"] == CHANNELS
+    assert json.loads((bundle / "bundle.json").read_text())["feature_shape"] == [GRID, GRID, CHANNELS]
     captioner = Captioner.load(bundle)  # safe_mode=True inside
     grids, captions = where_data(20, seed=5)
     words = vocab.encode_batch(captions)[:, :-1]
@@ -244,7 +244,8 @@ def test_train_and_caption_with_attention_from_the_command_line(flickr8k_dir, mo
             "--weights", mobilenet_weights, "--arch", "attention", "--epochs", 1,
             "--cache-dir", flickr8k_work_dir, "--out", bundle)
     settings = json.loads((bundle / "bundle.json").read_text())
-    assert settings["arch"] == "attention" and settings["pooling"] == "none" and settings["feature_dim"] == 1280
+    assert settings["arch"] == "attention" and settings["encoder"]["pooling"] == "none"
+    assert settings["feature_shape"] == [10, 10, 1280]
     assert (flickr8k_work_dir / "features" / "flickr8k-mobilenet_v2-none" / "manifest.json").is_file()
     photos = sorted((flickr8k_dir / "images").glob("*.jpg"))[:2]
     result = run_cli("caption", "--model", bundle, *photos)

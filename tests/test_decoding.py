@@ -300,9 +300,9 @@ def test_bad_arguments_are_refused(features):
 def test_with_a_real_keras_captioner():
     """build_captioner + make_step_decoder: beam 1 is greedy, and beam scores match the full
     model's own log-probabilities of the chosen captions (teacher forcing through model())."""
-    models = pytest.importorskip("captioning.models")
+    models = pytest.importorskip("captioning.architectures")
     vocab_size, feature_dim, max_length = 30, 16, 6
-    model = models.build_captioner("merge", vocab_size=vocab_size, feature_dim=feature_dim,
+    model = models.build_captioner("merge", vocab_size=vocab_size, feature_shape=feature_dim,
                                    max_length=max_length, embed_dim=16, units=16, dropout=0.0)
     decoder = models.make_step_decoder(model)
     images = np.random.default_rng(0).normal(size=(4, feature_dim)).astype(np.float32)

@@ -105,9 +105,9 @@ def test_stale_cache_is_refused_and_left_alone(photos, mobilenet, mobilenet_weig
     few = dict(list(photos.items())[:3])
     cache_features(few, tmp_path / "cache", encoder=mobilenet, batch_size=4, progress=False)
     before = folder_bytes(tmp_path / "cache")
-    other_weights = tmp_path / "other.weights.h5"
-    other_weights.write_bytes(mobilenet_weights.read_bytes())
-    with pytest.raises(ValueError, match="stale feature cache .*weights_id: cached 'mobilenet_v2_1.0_224"):
+    other_weights = tmp_path / "other.weights.h5"  # other bytes (a retrained or damaged file)
+    other_weights.write_bytes(mobilenet_weights.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(ValueError, match="stale feature cache .*weights_id: cached 'sha256:"):
         cache_features(few, tmp_path / "cache", encoder="mobilenet_v2", weights=str(other_weights))
     with pytest.raises(ValueError, match="stale feature cache .*encoder: cached 'mobilenet_v2', asked 'inception_v3'"):
         cache_features(few, tmp_path / "cache", encoder="inception_v3", weights="imagenet")

@@ -16,8 +16,9 @@ tf = quiet_tensorflow()
 import keras  # noqa: E402
 
 from captioning.decoding import greedy_decode  # noqa: E402
-from captioning.models import ARCHITECTURES, build_captioner, make_step_decoder  # noqa: E402
-from captioning.self_critical import cider_d, self_critical, validation_cider  # noqa: E402
+from captioning.architectures import ARCHITECTURES, build_captioner, make_step_decoder  # noqa: E402
+from captioning.evaluation import cider_d  # noqa: E402
+from captioning.self_critical import self_critical, validation_cider  # noqa: E402
 from captioning.training import (  # noqa: E402
     PRESETS, MaskedAccuracy, MaskedCaptionLoss, compile_captioner, fit_captioner, make_dataset, preset_settings)
 from captioning.vocab import Vocabulary  # noqa: E402
@@ -60,7 +61,7 @@ def synthetic_data(vocab, count, seed, batch_size=32, shuffle=True):
 
 
 def tiny_model(arch, vocab, **options):
-    return build_captioner(arch, vocab_size=len(vocab), feature_dim=FEATURE_DIM, max_length=vocab.max_length,
+    return build_captioner(arch, vocab_size=len(vocab), feature_shape=FEATURE_DIM, max_length=vocab.max_length,
                            embed_dim=16, units=32, dropout=0.1, **options)
 
 

@@ -1,4 +1,5 @@
-"""The four caption architectures and their one-step decoders."""
+"""The architecture table: the four merge/inject models, their one-step decoders, and a new
+architecture registered from outside the package (attention has tests/test_attention.py)."""
 
 import numpy as np
 import pytest
@@ -8,15 +9,17 @@ from captioning import quiet_tensorflow
 tf = quiet_tensorflow()
 import keras  # noqa: E402
 
-from captioning.models import ARCHITECTURES, build_captioner, make_step_decoder  # noqa: E402
+from captioning import architectures  # noqa: E402
+from captioning.architectures import ARCHITECTURES, build_captioner, make_step_decoder  # noqa: E402
 
 VOCAB, FEATURES, LENGTH = 23, 7, 5
+POOLED = [name for name, spec in ARCHITECTURES.items() if spec.features == "pooled"]
 
 
-def small_model(arch, rnn="lstm", merge_mode="add", seed=1):
+def small_model(arch, rnn="lstm", seed=1, **options):
     keras.utils.set_random_seed(seed)
-    return build_captioner(arch, vocab_size=VOCAB, feature_dim=FEATURES, max_length=LENGTH,
-                           embed_dim=6, units=8, rnn=rnn, dropout=0.3, merge_mode=merge_mode)
+    return build_captioner(arch, vocab_size=VOCAB, feature_shape=FEATURES, max_length=LENGTH,
+                           embed_dim=6, units=8, rnn=rnn, dropout=0.3, **options)
 
 
 def random_batch(batch=4, seed=0):
@@ -27,7 +30,13 @@ def random_batch(batch=4, seed=0):
     return features, words
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_table_holds_the_paper_s_four_and_attention():
+    assert POOLED == ["merge", "par-inject", "init-inject", "pre-inject"]
+    assert ARCHITECTURES["attention"].features == "grid"
+    assert architectures.pooling("merge") == "avg" and architectures.pooling("attention") is None
+
+
+@pytest.mark.parametrize("arch", POOLED)
 def test_shapes_and_names(arch):
     model = small_model(arch)
     features, words = random_batch()
@@ -55,12 +64,18 @@ def test_merge_concat_is_wider_than_add():
 
 
 def test_bad_options_are_clear_errors():
-    with pytest.raises(ValueError, match="arch"):
-        build_captioner("transformer", vocab_size=5, feature_dim=3, max_length=4)
+    with pytest.raises(ValueError, match="arch must be one of"):
+        build_captioner("transformer", vocab_size=5, feature_shape=3, max_length=4)
+    with pytest.raises(ValueError, match="par-inject does not take option.*merge_mode"):
+        build_captioner("par-inject", vocab_size=5, feature_shape=3, max_length=4, merge_mode="concat")
+    with pytest.raises(ValueError, match="merge_mode"):
+        build_captioner("merge", vocab_size=5, feature_shape=3, max_length=4, merge_mode="multiply")
+    with pytest.raises(ValueError, match="not a grid"):
+        build_captioner("merge", vocab_size=5, feature_shape=(7, 7, 3), max_length=4)
     with pytest.raises(ValueError, match="rnn"):
-        build_captioner("merge", vocab_size=5, feature_dim=3, max_length=4, rnn="transformer")
+        build_captioner("merge", vocab_size=5, feature_shape=3, max_length=4, rnn="transformer")
     with pytest.raises(ValueError, match="dropout"):
-        build_captioner("merge", vocab_size=5, feature_dim=3, max_length=4, dropout=1.5)
+        build_captioner("merge", vocab_size=5, feature_shape=3, max_length=4, dropout=1.5)
 
 
 def sequence_log_probs(model, features, words):
@@ -78,7 +93,7 @@ def step_log_probs(decoder, features, words):
 
 
 @pytest.mark.parametrize("rnn", ["lstm", "gru"])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", POOLED)
 def test_step_decoder_matches_the_full_sequence_model(arch, rnn):
     model = small_model(arch, rnn=rnn)
     features, words = random_batch()
@@ -145,7 +160,8 @@ def test_a_model_from_elsewhere_is_refused():
 
 
 def test_word_dropout_hides_words_only_while_training():
-    from captioning.models import START_ID, UNK_ID, WordDropout
+    from captioning.layers import WordDropout
+    from captioning.vocab import START_ID, UNK_ID
     words = np.random.default_rng(0).integers(4, VOCAB, size=(400, LENGTH + 1)).astype("int32")
     words[:, 0] = START_ID
     layer = WordDropout(0.35, seed=3)
@@ -162,8 +178,8 @@ def test_word_dropout_hides_words_only_while_training():
 def test_word_dropout_changes_training_not_decoding(arch, tmp_path):
     keras.utils.set_random_seed(2)
     grid = (2, 2) if arch == "attention" else ()
-    model = build_captioner(arch, vocab_size=VOCAB, feature_dim=FEATURES, max_length=LENGTH, embed_dim=6, units=8,
-                            dropout=0.0, word_dropout=0.5, grid_shape=grid)
+    model = build_captioner(arch, vocab_size=VOCAB, feature_shape=(*grid, FEATURES), max_length=LENGTH, embed_dim=6,
+                            units=8, dropout=0.0, word_dropout=0.5)
     features, words = random_batch()
     features = np.repeat(features[:, None, None, :], 4, axis=1).reshape(4, 2, 2, FEATURES) if grid else features
     inputs = {"image": features, "words": words}
@@ -178,3 +194,46 @@ def test_word_dropout_changes_training_not_decoding(arch, tmp_path):
     log_probs, _ = decoder.step(words[:, 0], decoder.initial_state(features), features)
     np.testing.assert_allclose(log_probs, keras.ops.log_softmax(model(inputs, training=False)[:, 0]),
                                rtol=1e-4, atol=1e-5)
+
+
+# --- a new architecture, from outside the package -------------------------------------
+
+def gru_merge_layers(*, vocab_size, embed_dim, units, rnn, dropout, word_dropout):
+    """A bare merge model with a GRU: what a learner writes to try an idea of their own.
+    The table's contract: an Input named "image" (build_captioner makes it), and layers
+    named word_embedding, decoder_rnn (a Keras RNN) and word_logits."""
+    layers = [keras.layers.Embedding(vocab_size, embed_dim, name="word_embedding"),
+              keras.layers.GRU(units, return_sequences=True, return_state=True, name="decoder_rnn"),
+              keras.layers.Dense(units, activation="relu", name="image_projection"),
+              keras.layers.Dense(vocab_size, name="word_logits")]
+    return {layer.name: layer for layer in layers}
+
+
+def gru_merge(layers, image, words, states):
+    outputs, *states = layers["decoder_rnn"](layers["word_embedding"](words), initial_state=states)
+    image_vector = keras.layers.Reshape((1, -1))(layers["image_projection"](image))
+    return layers["word_logits"](keras.layers.Add()([outputs, image_vector])), states
+
+
+def test_a_registered_architecture_trains_saves_reloads_and_decodes(tmp_path):
+    from captioning.bundle import Captioner, save_bundle
+    from captioning.training import fit_captioner
+    from test_training import synthetic_captions, synthetic_data, synthetic_vocab
+
+    architectures.register("gru-merge", architectures.Architecture(gru_merge_layers, lambda layers, image: None,
+                                                                   gru_merge))
+    try:
+        keras.utils.set_random_seed(0)
+        vocab = synthetic_vocab()
+        train, _, _ = synthetic_data(vocab, 240, seed=1)
+        model = build_captioner("gru-merge", vocab_size=len(vocab), feature_shape=16, max_length=vocab.max_length,
+                                embed_dim=16, units=32)
+        fit_captioner(model, train, epochs=20, learning_rate=1e-2, patience=20, verbose=0)
+        save_bundle(tmp_path / "bundle", model, vocab, {"arch": "gru-merge", "dataset": "synthetic", "encoder": {}})
+        captioner = Captioner.load(tmp_path / "bundle")
+        assert captioner.model.get_layer("decoder_rnn").__class__.__name__ == "GRU"
+        features, captions = synthetic_captions(40, seed=2)  # images it never saw
+        written = captioner.caption_features(features, beam_width=3)
+        assert np.mean([caption == truth for caption, truth in zip(written, captions)]) >= 0.9
+    finally:
+        del architectures.ARCHITECTURES["gru-merge"]

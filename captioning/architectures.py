@@ -1,0 +1,183 @@
+"""The table of caption architectures: a name -> what builds it (notebooks 03 and 06).
+
+Every architecture is three functions (models.py and attention.py hold them):
+
+    layers(vocab_size, embed_dim, units, rnn, dropout, word_dropout, **options) -> {name: layer}
+        every layer that holds weights, created once, keyed by its name;
+    start(layers, image) -> the RNN's states before the first word (None: zeros);
+    wire(layers, image, words, states) -> (logits, new states[, attention weights]).
+
+`build_captioner` wires a whole caption from the start state: the training
+model (teacher forcing). `StepDecoder` wires one word at a time from states
+given as inputs: the decoding step, with the same trained layers found by
+name, so it works as well on a model reloaded from a .keras file. The model's
+name records its architecture. Nothing else in the package looks at
+architecture names: adding one is three functions and one `register` call.
+"""
+
+import dataclasses
+import functools
+from typing import Callable
+
+from captioning import attention, models, quiet_tensorflow
+
+tf = quiet_tensorflow()
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    layers: Callable
+    start: Callable
+    wire: Callable
+    features: str = "pooled"  # what it reads: "pooled" (one vector per image) or "grid" (the CNN's regions)
+
+
+ARCHITECTURES = {
+    "merge": Architecture(models.merge_layers, models.zero_state, models.merge),
+    "par-inject": Architecture(models.par_inject_layers, models.zero_state, models.par_inject),
+    "init-inject": Architecture(models.init_inject_layers, models.init_inject_start, models.read_from),
+    "pre-inject": Architecture(models.pre_inject_layers, models.pre_inject_start, models.read_from),
+    "attention": Architecture(attention.attention_layers, attention.attention_start, attention.attention,
+                              features="grid"),
+}
+
+
+def register(name, architecture):
+    """Add an architecture to the table (tests/test_architectures.py adds one); returns it."""
+    if not isinstance(architecture, Architecture) or architecture.features not in ("pooled", "grid"):
+        raise ValueError(f"register {name!r} with an Architecture whose features are 'pooled' or 'grid'")
+    ARCHITECTURES[name] = architecture
+    return architecture
+
+
+def get(name):
+    if name not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {name!r}")
+    return ARCHITECTURES[name]
+
+
+def pooling(arch):
+    """The feature cache an architecture reads: "avg" (pooled vectors) or None (grids)."""
+    return "avg" if get(arch).features == "pooled" else None
+
+
+def build_captioner(arch="merge", *, vocab_size, feature_shape, max_length, embed_dim=256, units=256, rnn="lstm",
+                    dropout=0.5, word_dropout=0.0, **options):
+    """Build a caption model with the Functional API (notebooks 03 and 06).
+
+    Inputs: {"image": (batch, *feature_shape) float32, "words": (batch, max_length + 1) int32};
+    output: next-word logits (batch, max_length + 1, vocab_size). feature_shape is (D,) for a
+    pooled vector (an int will do) or (H, W, C) for a grid. `options` are the architecture's
+    own: merge_mode ("add" or "concat") for merge; attention_units and attention_penalty for attention.
+    """
+    spec = get(arch)
+    feature_shape = (int(feature_shape),) if np.isscalar(feature_shape) else tuple(map(int, feature_shape))
+    if spec.features == "pooled" and len(feature_shape) != 1:
+        raise ValueError(f"{arch} reads one feature vector per image, not a grid {feature_shape}: cache "
+                         "features with pooling 'avg', or use an architecture that reads grids (attention)")
+    if rnn not in models.RNN_TYPES:
+        raise ValueError(f"rnn must be one of {sorted(models.RNN_TYPES)}, got {rnn!r}")
+    for name, value in (("vocab_size", vocab_size), ("feature size", min(feature_shape, default=0)),
+                        ("max_length", max_length), ("embed_dim", embed_dim), ("units", units)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    try:
+        layers = spec.layers(vocab_size=vocab_size, embed_dim=embed_dim, units=units, rnn=rnn, dropout=dropout,
+                             word_dropout=word_dropout, **options)
+    except TypeError as error:  # an option another architecture takes
+        raise ValueError(f"{arch} does not take option(s) {sorted(options)} ({error})") from None
+    image = keras.Input(feature_shape, name="image")
+    words = keras.Input((max_length + 1,), dtype="int32", name="words")
+    logits = spec.wire(layers, image, words, spec.start(layers, image))[0]
+    return keras.Model({"image": image, "words": words}, logits, name=arch.replace("-", "_") + "_captioner")
+
+
+def architecture_of(model):
+    """The table's name for a model that build_captioner built (its name records it)."""
+    names = {name.replace("-", "_") + "_captioner": name for name in ARCHITECTURES}
+    if model.name not in names:
+        raise ValueError(f"model {model.name!r} was not built by build_captioner from an architecture in the table "
+                         f"({', '.join(ARCHITECTURES)})")
+    return names[model.name]
+
+
+class StepDecoder:
+    """One decoding step for a whole batch, built from a trained caption model (notebook 04).
+
+    `initial_state(features)` gives the RNN states before the first word;
+    `step(words, states, features)` feeds one word per row and returns the next
+    word's log-probabilities and the new states; after each step,
+    `last_attention` holds the weights over the grid (rows, L) for
+    architectures that attend, else None. Both are tf.functions with a fixed
+    input signature (batch dimension None): traced once, then one compiled call
+    each, whatever the batch size.
+    """
+
+    def __init__(self, model):
+        spec = get(architecture_of(model))
+        layers = {layer.name: layer for layer in model.layers}
+        self.vocab_size = layers["word_logits"].units
+        self.image_shape = tuple(int(size) for size in layers["image"].batch_shape[1:])
+        state_size = layers["decoder_rnn"].cell.state_size
+        self.state_sizes = list(state_size) if isinstance(state_size, (list, tuple)) else [state_size]
+        self.last_attention = None
+
+        image = keras.Input(self.image_shape, name="image")
+        word = keras.Input((1,), dtype="int32", name="word")
+        states = [keras.Input((size,), name=f"state_{i}") for i, size in enumerate(self.state_sizes)]
+        logits, new_states, *attention_weights = spec.wire(layers, image, word, states)
+        self.attends = bool(attention_weights)
+        self._step_model = keras.Model([word, image, *states], [logits, *attention_weights, *new_states],
+                                       name="decoding_step")
+        first = spec.start(layers, image)
+        self._start_model = keras.Model(image, first, name="start_state") if first is not None else None
+
+        feature_spec = tf.TensorSpec((None, *self.image_shape), tf.float32)
+        state_specs = [tf.TensorSpec((None, size), tf.float32) for size in self.state_sizes]
+        # functools.partial, not the methods themselves: TensorFlow counts traces
+        # per code object, shared by every decoder, and would warn about
+        # "retracing" once a notebook has made a few decoders, although each of
+        # them traces only once. A partial is counted on its own.
+        self._initial = tf.function(functools.partial(self._initial_graph), input_signature=[feature_spec])
+        self._step = tf.function(functools.partial(self._step_graph),
+                                 input_signature=[tf.TensorSpec((None,), tf.int32), state_specs, feature_spec])
+
+    def _initial_graph(self, features):
+        if self._start_model is None:
+            return [tf.zeros((tf.shape(features)[0], size)) for size in self.state_sizes]
+        states = self._start_model(features, training=False)
+        return list(states) if isinstance(states, (list, tuple)) else [states]
+
+    def _step_graph(self, words, states, features):
+        logits, *rest = self._step_model([words[:, None], features, *states], training=False)
+        weights = rest.pop(0)[:, 0, :] if self.attends else tf.zeros((tf.shape(words)[0], 0))
+        return tf.nn.log_softmax(logits[:, 0, :]), weights, rest
+
+    def features(self, features):
+        """Features as the model's image input; a grid is also accepted flattened, (N, H * W, C)."""
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim < 2 or features.shape[-1] != self.image_shape[-1] or \
+                np.prod(features.shape[1:-1]) != np.prod(self.image_shape[:-1]) or \
+                (len(self.image_shape) == 1 and features.ndim != 2):
+            raise ValueError(f"features must have shape (N, {', '.join(map(str, self.image_shape))}) for this "
+                             f"model, got {features.shape}")
+        return features.reshape((len(features), *self.image_shape))
+
+    def initial_state(self, features):
+        return [state.numpy() for state in self._initial(self.features(features))]
+
+    def step(self, words, states, features):
+        words = np.asarray(words, dtype=np.int32).reshape(-1)
+        states = [np.asarray(state, dtype=np.float32) for state in states]
+        log_probs, weights, new_states = self._step(words, states, self.features(features))
+        self.last_attention = weights.numpy() if self.attends else None
+        return log_probs.numpy(), [state.numpy() for state in new_states]
+
+
+def make_step_decoder(model):
+    """A StepDecoder for a model from build_captioner, freshly built or reloaded (notebook 04)."""
+    return StepDecoder(model)
