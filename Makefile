@@ -21,6 +21,10 @@ RUNS ?= runs
 # Where COCO is downloaded from: the official server or a mirror with its layout
 # (a proxy, a class's own copy). The environment variable CAPTIONING_COCO_URL works too.
 COCO_URL ?= $(or $(CAPTIONING_COCO_URL),http://images.cocodataset.org)
+# Run only some notebooks (NOTEBOOKS=01,02), or change their parameters
+# (PARAMS="epochs=4 experiment_epochs=3": NAME=VALUE pairs, no spaces in a value).
+NOTEBOOKS ?=
+PARAMS ?=
 
 .PHONY: help setup demo test lab data benchmarks clean clean-data
 
@@ -45,7 +49,8 @@ $(STAMP): requirements.txt
 demo: setup
 	@CAPTIONING_COCO_URL=$(COCO_URL) $(PY) scripts/run_notebooks.py --out $(RUNS) --dataset $(DATASET) \
 		--data-dir $(DATA_DIR) --work-dir $(WORK_DIR) --encoder $(ENCODER) --weights $(WEIGHTS) \
-		--download $(DOWNLOAD) --subset-size $(SUBSET)
+		--download $(DOWNLOAD) --subset-size $(SUBSET) $(if $(NOTEBOOKS),--only $(NOTEBOOKS)) \
+		$(foreach pair,$(PARAMS),-p $(subst =, ,$(pair)))
 
 test: setup
 	$(PY) -m pytest tests

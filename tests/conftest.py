@@ -45,6 +45,34 @@ def flickr8k_dir():
     return _shared_path("CAPTIONING_FLICKR8K_DIR", "Flickr8k sample")
 
 
+def small_flickr8k(source, target, train=100, dev=30):
+    """A Flickr8k folder of the official layout (text/ + images/) holding the first `train`
+    training and `dev` dev photos of the shared sample that are on disk, with their official
+    captions: the product's own loader reads it, and the whole pipeline runs in a minute."""
+    text, images = Path(target) / "text", Path(target) / "images"
+    text.mkdir(parents=True)
+    images.mkdir()
+    on_disk = {path.name for path in (source / "images").glob("*.jpg")}
+    chosen = {}
+    for split, count in (("train", train), ("dev", dev)):
+        names = (source / "text" / f"Flickr_8k.{split}Images.txt").read_text().split()
+        chosen[split] = [name for name in names if name in on_disk][:count]
+        (text / f"Flickr_8k.{split}Images.txt").write_text("\n".join(chosen[split]) + "\n")
+        for name in chosen[split]:
+            (images / name).symlink_to(source / "images" / name)
+    keep = {name for names in chosen.values() for name in names}
+    lines = (source / "text" / "Flickr8k.token.txt").read_text(encoding="utf-8").splitlines()
+    (text / "Flickr8k.token.txt").write_text(
+        "\n".join(line for line in lines if line.split("#")[0] in keep) + "\n", encoding="utf-8")
+    return Path(target)
+
+
+@pytest.fixture(scope="session")
+def flickr8k_small_dir(flickr8k_dir, tmp_path_factory):
+    """100 training and 30 dev photos of the shared Flickr8k sample, in the official layout."""
+    return small_flickr8k(flickr8k_dir, tmp_path_factory.mktemp("flickr8k-small") / "flickr8k")
+
+
 @pytest.fixture(scope="session")
 def mobilenet_weights():
     """Real ImageNet MobileNetV2 backbone weights (.weights.h5)."""
@@ -82,12 +110,12 @@ def flickr8k_work_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def flickr8k_bundle(flickr8k_dir, mobilenet_weights, flickr8k_work_dir):
-    """A merge captioner trained by the suite, through the `train` CLI, on the shared Flickr8k
-    sample with the shared MobileNetV2 weights. Few epochs: it must be real, not good."""
+def flickr8k_bundle(flickr8k_small_dir, mobilenet_weights, flickr8k_work_dir):
+    """A merge captioner trained by the suite, through the `train` CLI, on 130 photos of the
+    shared Flickr8k sample with the shared MobileNetV2 weights. Few epochs: it must be real, not good."""
     bundle = flickr8k_work_dir / "bundles" / "merge"
     run_cli(
-        "train", "--dataset", "flickr8k", "--data-dir", flickr8k_dir,
+        "train", "--dataset", "flickr8k", "--data-dir", flickr8k_small_dir,
         "--encoder", "mobilenet_v2", "--weights", mobilenet_weights,
         "--arch", "merge", "--epochs", 3, "--cache-dir", flickr8k_work_dir, "--out", bundle,
     )

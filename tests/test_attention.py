@@ -236,18 +236,18 @@ def test_bundle_round_trip_in_safe_mode(where, tmp_path):
 # --- the command line, on real data -------------------------------------------------------------
 
 @pytest.mark.slow
-def test_train_and_caption_with_attention_from_the_command_line(flickr8k_dir, mobilenet_weights, flickr8k_work_dir,
+def test_train_and_caption_with_attention_from_the_command_line(flickr8k_small_dir, mobilenet_weights, flickr8k_work_dir,
                                                                 tmp_path):
     bundle = tmp_path / "attention"
     # The session's work folder: notebook 06 reuses the grid cache made here.
-    run_cli("train", "--dataset", "flickr8k", "--data-dir", flickr8k_dir, "--encoder", "mobilenet_v2",
+    run_cli("train", "--dataset", "flickr8k", "--data-dir", flickr8k_small_dir, "--encoder", "mobilenet_v2",
             "--weights", mobilenet_weights, "--arch", "attention", "--epochs", 1,
             "--cache-dir", flickr8k_work_dir, "--out", bundle)
     settings = json.loads((bundle / "bundle.json").read_text())
     assert settings["arch"] == "attention" and settings["encoder"]["pooling"] == "none"
     assert settings["feature_shape"] == [10, 10, 1280]
     assert (flickr8k_work_dir / "features" / "flickr8k-mobilenet_v2-none" / "manifest.json").is_file()
-    photos = sorted((flickr8k_dir / "images").glob("*.jpg"))[:2]
+    photos = sorted((flickr8k_small_dir / "images").glob("*.jpg"))[:2]
     result = run_cli("caption", "--model", bundle, *photos)
     lines = [line.split("\t") for line in result.stdout.splitlines()]
     assert [path for path, _ in lines] == [str(photo) for photo in photos]

@@ -108,7 +108,7 @@ def test_synthetic_vocabulary_is_the_one_trained_on(trained):
 
 # --- the real thing: `python -m captioning train` on the Flickr8k sample ----------------
 
-def test_train_cli_writes_a_bundle_that_captions_images(flickr8k_bundle, flickr8k_dir):
+def test_train_cli_writes_a_bundle_that_captions_images(flickr8k_bundle, flickr8k_small_dir):
     assert {"model.keras", "vocabulary.json", "bundle.json"} <= {path.name for path in flickr8k_bundle.iterdir()}
     captioner = Captioner.load(flickr8k_bundle)
     settings = captioner.settings
@@ -123,8 +123,8 @@ def test_train_cli_writes_a_bundle_that_captions_images(flickr8k_bundle, flickr8
     assert settings["decoding"]["no_repeat_ngram"] == 2  # the preset's, used by `caption` and `evaluate`
     history = (flickr8k_bundle / "training" / "history.csv").read_text().splitlines()
     assert len(history) == 4 and "val_loss" in history[0]
-    images = sorted((flickr8k_dir / "images").glob("*.jpg"))[:2]
-    captions, errors = captioner.caption_images(images + [flickr8k_dir / "missing.jpg"], beam_width=2)
+    images = sorted((flickr8k_small_dir / "images").glob("*.jpg"))[:2]
+    captions, errors = captioner.caption_images(images + [flickr8k_small_dir / "missing.jpg"], beam_width=2)
     assert len(captions) == 3 and captions[2] is None and len(errors) == 1
     assert all(isinstance(caption, str) and caption for caption in captions[:2])
 

@@ -230,13 +230,13 @@ def test_results_table_one_row_per_run_nan_for_unavailable():
 
 
 @pytest.mark.slow
-def test_evaluate_cli_on_flickr8k_dev(flickr8k_bundle, flickr8k_dir, flickr8k_work_dir, tmp_path):
+def test_evaluate_cli_on_flickr8k_dev(flickr8k_bundle, flickr8k_small_dir, flickr8k_work_dir, tmp_path):
     out = tmp_path / "eval"
-    result = run_cli("evaluate", "--model", flickr8k_bundle, "--dataset", "flickr8k", "--data-dir", flickr8k_dir,
+    result = run_cli("evaluate", "--model", flickr8k_bundle, "--dataset", "flickr8k", "--data-dir", flickr8k_small_dir,
                      "--split", "dev", "--beam", 2, "--cache-dir", flickr8k_work_dir, "--out", out)
     metrics = json.loads(result.stdout)  # stdout is exactly the metrics JSON
     assert metrics["split"] == "dev" and metrics["beam_width"] == 2
-    assert metrics["images"] == 113  # the dev images of the shared sample
+    assert metrics["images"] == 30  # the dev images of the suite's Flickr8k folder
     for name in ("BLEU-1", "BLEU-4", "ROUGE_L", "CIDEr"):
         assert 0 <= metrics["coco"][name] <= (10 if name == "CIDEr" else 1)
     assert metrics["coco"]["BLEU-1"] > 0.2  # a trained model gets common words right
@@ -247,11 +247,11 @@ def test_evaluate_cli_on_flickr8k_dev(flickr8k_bundle, flickr8k_dir, flickr8k_wo
     assert intervals["CIDEr"][0] < metrics["coco"]["CIDEr"] < intervals["CIDEr"][1]
     assert intervals["BLEU-4"][0] <= metrics["bleu_nltk"]["BLEU-4"] <= intervals["BLEU-4"][1]
     captions = json.loads((out / "captions.json").read_text())
-    assert len(captions) == 113 and len({entry["id"] for entry in captions}) == 113
+    assert len(captions) == 30 and len({entry["id"] for entry in captions}) == 30
     entry = captions[0]
     assert entry["file"].endswith(".jpg") and entry["caption"].strip() and len(entry["references"]) == 5
     assert "CIDEr" in entry["scores"]
 
-    bad = run_cli("evaluate", "--model", flickr8k_bundle, "--dataset", "flickr8k", "--data-dir", flickr8k_dir,
+    bad = run_cli("evaluate", "--model", flickr8k_bundle, "--dataset", "flickr8k", "--data-dir", flickr8k_small_dir,
                   "--split", "test", "--cache-dir", flickr8k_work_dir, "--out", tmp_path / "bad", check=False)
     assert bad.returncode == 2 and "split 'test' has no images" in bad.stderr and "dev" in bad.stderr

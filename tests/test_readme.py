@@ -1,0 +1,232 @@
+"""Every command block of the README, run as written: only data locations differ.
+
+* `make demo` with its defaults (COCO, downloads on, a 2,000-image subset,
+  InceptionV3, all six notebooks). The bytes come from a COCO mirror on
+  127.0.0.1 instead of images.cocodataset.org: the official annotation zip's
+  layout, holding the full official captions_val2017.json and the shared train
+  sample's captions, every coco_url pointing at the mirror, and behind it the
+  shared sample photos. The subset asks for 480 photos that the annotations
+  list and the mirror has 94 of them, so most requests answer 404, as some
+  would for a user whose network drops files: the run reports them and goes on.
+  InceptionV3's ImageNet weights cannot be fetched here, so WEIGHTS=none (the
+  same network with fixed random weights) comes from the environment; where
+  things land (DATA_DIR, WORK_DIR, RUNS) too. The command is `make demo`.
+* The offline block, on 130 photos of the shared Flickr8k sample in the
+  official layout, with the shared MobileNetV2 weights file.
+* The command-line block, in a folder holding what it names: data/flickr8k,
+  the weights file, photo1.jpg and photo2.jpg.
+
+A README block that no test here runs fails the suite: add its runner.
+"""
+
+import io
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from captioning import download
+from conftest import REPO
+from http_fixtures import serving
+
+pytestmark = pytest.mark.slow
+
+
+def readme_blocks(language="bash"):
+    """The README's ```bash blocks, each a list of commands (continuation lines joined)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = []
+    for body in re.findall(rf"```{language}\n(.*?)```", text, flags=re.S):
+        blocks.append([line.strip() for line in body.replace("\\\n", " ").splitlines() if line.strip()])
+    return blocks
+
+
+def block_starting(prefix):
+    [block] = [block for block in readme_blocks() if block[0].startswith(prefix)]
+    return block
+
+
+def shell(command, cwd, environment=None, timeout=1500):
+    """Run one README line with bash, as a user types it; the venv's python comes first on PATH."""
+    path = f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    env = {**os.environ, "PATH": path, "PYTHONPATH": str(REPO), **(environment or {})}
+    return subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def ok(result):
+    assert result.returncode == 0, f"{result.args}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+    return result
+
+
+def test_every_block_has_a_runner():
+    runners = ("make demo   #", "make demo DATASET=flickr8k", "python -m captioning prepare")
+    for block in readme_blocks():
+        assert block[0].startswith(runners), f"README block {block[0]!r} is run by no test in tests/test_readme.py"
+
+
+# --- executed notebooks -------------------------------------------------------------------
+
+def notebook_text(path):
+    notebook = json.loads(Path(path).read_text(encoding="utf-8"))
+    return "\n".join("".join(output.get("text", "")) + "".join(output.get("data", {}).get("text/plain", ""))
+                     for cell in notebook["cells"] for output in cell.get("outputs", []))
+
+
+def assert_taught(runs):
+    """Six executed notebooks that teach: prose first, a plot, what to try, no traceback or TF noise."""
+    executed = sorted(Path(runs).glob("*.ipynb"))
+    assert [path.name[:2] for path in executed] == ["01", "02", "03", "04", "05", "06"]
+    for path in executed:
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        assert cells[0]["cell_type"] == "markdown", f"{path.name} starts by saying what it covers"
+        assert "what to try" in "".join(cells[-1]["source"]).lower(), f"{path.name} ends with what to try"
+        figures = [o for c in cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+        assert figures, f"{path.name} explains with at least one plot"
+        text = notebook_text(path)
+        assert "Traceback" not in text and "oneDNN custom operations" not in text, path.name
+    return executed
+
+
+# --- `make demo` with its defaults, from a COCO mirror --------------------------------------
+
+def _mirrored(annotation_file, base_url):
+    """An official COCO caption file with every image's coco_url moved to the mirror."""
+    data = json.loads(Path(annotation_file).read_text(encoding="utf-8"))
+    for image in data["images"]:
+        image["coco_url"] = image["coco_url"].replace(download.COCO_URL, base_url)
+    return data
+
+
+@pytest.fixture(scope="module")
+def coco_mirror(coco_val_dir, coco_train_dir):
+    with serving() as server:
+        base = server.url("")
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+            for split, folder, name in (("val", coco_val_dir, "captions_val2017.json"),
+                                        ("train", coco_train_dir, "captions_train2017_subset.json")):
+                captions = _mirrored(Path(folder) / "annotations" / name, base)
+                zipped.writestr(f"annotations/captions_{split}2017.json", json.dumps(captions))
+                for photo in (Path(folder) / "images").glob("*.jpg"):
+                    server.files[f"/{split}2017/{photo.name}"] = photo
+        server.files["/" + download.ANNOTATIONS_PATH] = archive.getvalue()
+        yield server
+
+
+def _photos_served(server):
+    return sum(count for path, count in server.served.items() if path.endswith(".jpg"))
+
+
+def test_make_demo_with_its_defaults_downloads_trains_captions_and_resumes(coco_mirror, tmp_path):
+    server = coco_mirror
+    [demo, make_test] = block_starting("make demo   #")
+    assert shlex.split(demo, comments=True) == ["make", "demo"]
+    # `make test` is this suite: .ci/run runs it.
+    assert shlex.split(make_test, comments=True) == ["make", "test"]
+    assert "\nmake test\n" in (REPO / ".ci" / "run").read_text()
+
+    data_dir, work_dir, runs = tmp_path / "coco", tmp_path / "work", tmp_path / "runs"
+    environment = {"CAPTIONING_COCO_URL": server.url(""), "WEIGHTS": "none",
+                   "DATA_DIR": str(data_dir), "WORK_DIR": str(work_dir), "RUNS": str(runs)}
+    result = ok(shell(demo, REPO, environment))
+    executed = assert_taught(runs)
+    assert re.search(r"wall time: 01 \d+ s, .*06 \d+ s; total \d+ s", result.stdout), result.stdout[-2000:]
+
+    # What came down: each photo of the seeded subset that the mirror has, once; the rest 404.
+    subset = {split: {image["file_name"] for image in download.choose_subset(
+        data_dir / "annotations" / f"captions_{split}2017.json", size)}
+        for split, size in (("train", 1600), ("val", 400))}  # SUBSET=2000, 80/20
+    available = {split: {path.split("/")[-1] for path in server.files if path.startswith(f"/{split}2017/")}
+                 for split in subset}
+    on_disk = {split: {path.name for path in (data_dir / f"{split}2017").glob("*.jpg")} for split in subset}
+    for split in subset:
+        assert on_disk[split] == subset[split] & available[split]
+    downloaded = sum(map(len, on_disk.values()))
+    assert downloaded > 20 and _photos_served(server) == downloaded
+    notebook_01 = notebook_text(executed[0])
+    asked = sum(map(len, subset.values()))  # the train annotations list only 80 photos
+    assert asked == 80 + 400
+    reported = [int(number) for number in re.findall(r"(\d+) downloaded, 0 already there", notebook_01)]
+    failed = [int(number) for number in re.findall(r"(\d+) failed", notebook_01)]
+    assert sum(reported) == downloaded and sum(failed) == asked - downloaded and "HTTP 404" in notebook_01
+    # The annotations as loaded: the full official val2017 file plus the train sample's 80 images.
+    assert "5,080 images and 25,414 captions in the annotations" in notebook_01
+
+    # The bundle notebook 03 trained captions new photos from the command line.
+    photos = sorted((data_dir / "val2017").glob("*.jpg"))[:2]
+    captioned = ok(shell(f"python -m captioning caption --model {work_dir / 'bundles' / 'coco-merge'} "
+                         + " ".join(map(str, photos)), tmp_path))
+    lines = captioned.stdout.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(photo) for photo in photos]
+    assert all(line.split("\t")[1].strip() for line in lines)
+
+    # Again: nothing is downloaded twice (only the missing photos are asked for again). Downloads
+    # happen in notebook 01 alone, so this run stops after it.
+    served_before = _photos_served(server)
+    ok(shell(f"{demo} NOTEBOOKS=01", REPO, environment))
+    assert _photos_served(server) == served_before
+    assert sum(int(n) for n in re.findall(r"(\d+) downloaded", notebook_text(runs / executed[0].name))) == 0
+    assert sum(len(list((data_dir / f"{split}2017").glob("*.jpg"))) for split in subset) == downloaded
+
+
+def test_offline_make_demo_stops_at_once_and_says_what_to_use_instead(tmp_path):
+    [demo, _] = block_starting("make demo   #")
+    with socket.socket() as probe:  # a port nothing listens on once the probe is closed
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    environment = {"COCO_URL": f"http://127.0.0.1:{closed_port}", "DATA_DIR": str(tmp_path / "coco"),
+                   "WORK_DIR": str(tmp_path / "work"), "RUNS": str(tmp_path / "runs")}
+    started = time.perf_counter()
+    result = shell(demo, REPO, environment, timeout=120)
+    seconds = time.perf_counter() - started
+    assert result.returncode != 0 and seconds < 60, f"exit {result.returncode} after {seconds:.0f} s"
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("make: ***")]
+    assert len(errors) == 1 and errors[0].startswith("error: make demo cannot download what it needs"), result.stderr
+    assert all(setting in errors[0] for setting in ("DATA_DIR=", "DOWNLOAD=0", "WEIGHTS="))
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "coco").exists()
+
+
+# --- offline, on Flickr8k --------------------------------------------------------------------
+
+def test_offline_block_runs_the_six_notebooks_on_flickr8k(flickr8k_small_dir, mobilenet_weights, tmp_path):
+    [command] = block_starting("make demo DATASET=flickr8k")
+    command = command.replace("/data/flickr8k", str(flickr8k_small_dir))
+    command = re.sub(r"WEIGHTS=/weights/\S+", f"WEIGHTS={mobilenet_weights}", command)
+    runs = tmp_path / "runs"
+    result = ok(shell(command, REPO, {"WORK_DIR": str(tmp_path / "work"), "RUNS": str(runs)}))
+    executed = assert_taught(runs)
+    assert "total" in result.stdout
+    assert "650 captions of 130 images" in notebook_text(executed[1])
+
+
+# --- the command line -----------------------------------------------------------------------
+
+def test_command_line_block_prepares_caches_trains_captions_and_evaluates(flickr8k_small_dir, mobilenet_weights,
+                                                                          tmp_path):
+    commands = block_starting("python -m captioning prepare")
+    weights_name = re.search(r"--weights (\S+)", " ".join(commands)).group(1)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "flickr8k").symlink_to(flickr8k_small_dir)
+    (tmp_path / weights_name).symlink_to(mobilenet_weights)
+    photos = sorted((flickr8k_small_dir / "images").glob("*.jpg"))
+    for name, photo in zip(("photo1.jpg", "photo2.jpg"), photos[-2:]):
+        (tmp_path / name).write_bytes(photo.read_bytes())
+
+    outputs = {command.split()[3]: ok(shell(command, tmp_path)).stdout for command in commands}
+    assert "vocabulary" in outputs["prepare"] and "cached 130 images" in outputs["features"]
+    assert (tmp_path / "bundles" / "merge" / "bundle.json").is_file()
+    lines = [line.split("\t") for line in outputs["caption"].strip().splitlines()]
+    assert [path for path, _ in lines] == ["photo1.jpg", "photo2.jpg"] and all(text.strip() for _, text in lines)
+    metrics = json.loads(outputs["evaluate"])
+    assert metrics["split"] == "dev" and metrics["images"] == 30 and metrics["coco"]["CIDEr"] > 0
+    assert (tmp_path / "bundles" / "merge" / "eval-dev" / "captions.json").is_file()
+    # train reused what prepare and features made: one feature cache, in the README's folder.
+    assert [path.name for path in (tmp_path / "data" / "work" / "features").iterdir()] == ["flickr8k-mobilenet_v2-avg"]
