@@ -19,8 +19,6 @@ program. The vocabulary is JSON, and Keras loads the model with
 safe_mode=True, which refuses serialised Python lambdas.
 """
 
-import os
-import tempfile
 from pathlib import Path
 
 from captioning import quiet_tensorflow
@@ -29,11 +27,12 @@ tf = quiet_tensorflow()
 import keras  # noqa: E402
 
 from captioning.architectures import StepDecoder  # noqa: E402
-from captioning.fileio import read_json, write_json_atomic  # noqa: E402
+from captioning.fileio import atomic_path, read_json, sha256_of, write_json_atomic  # noqa: E402
 from captioning.vocab import Vocabulary  # noqa: E402
 
 FORMAT_VERSION = 1
-REQUIRED = ("arch", "dataset", "encoder", "feature_shape", "max_length", "vocab_size", "vocab_fingerprint")
+REQUIRED = ("arch", "dataset", "encoder", "feature_shape", "max_length", "vocab_size", "vocab_fingerprint",
+            "model_sha256")
 
 
 def _model_sizes(model):
@@ -48,33 +47,29 @@ def _model_sizes(model):
 def save_bundle(out_dir, model, vocab, settings):
     """Write model.keras, vocabulary.json and bundle.json into out_dir (notebook 03).
 
-    Each file is written beside its final name and renamed into place, and
-    bundle.json comes last, so a folder with a bundle.json is complete.
+    All three are written completely under temporary names first, then
+    renamed into place, bundle.json last: a bundle already in the folder is
+    replaced only once its replacement exists. bundle.json records the sha256
+    of model.keras, so a folder whose files do not belong together (a copy
+    gone wrong, a save cut between two renames) is refused when loaded.
     """
     vocab_size, feature_shape = _model_sizes(model)
     if vocab_size != len(vocab):
         raise ValueError(f"model predicts over {vocab_size} words but the vocabulary has {len(vocab)}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bundle.json").unlink(missing_ok=True)  # the folder is incomplete until we finish
-
-    # Keras insists on a .keras suffix, so the temporary name keeps it.
-    handle, temp_name = tempfile.mkstemp(prefix=".model.", suffix=".keras", dir=out_dir)
-    os.close(handle)
-    try:
-        # Save an uncompiled copy: the optimizer's state would triple the file
-        # and is of no use for captioning (BackupAndRestore keeps it for resuming).
+    with atomic_path(out_dir / "bundle.json") as settings_temp, \
+            atomic_path(out_dir / "vocabulary.json") as vocab_temp, \
+            atomic_path(out_dir / "model.keras", suffix=".keras") as model_temp:
+        # An uncompiled copy: the optimizer's state would triple the file and is of
+        # no use for captioning (training/backup keeps it for resuming).
         inference = keras.models.clone_model(model)
         inference.set_weights(model.get_weights())
-        inference.save(temp_name)
-        os.replace(temp_name, out_dir / "model.keras")
-    finally:
-        Path(temp_name).unlink(missing_ok=True)
-    vocab.save(out_dir / "vocabulary.json")
-
-    record = {"format_version": FORMAT_VERSION, **settings, "feature_shape": feature_shape,
-              "max_length": vocab.max_length, "vocab_size": len(vocab), "vocab_fingerprint": vocab.fingerprint}
-    write_json_atomic(out_dir / "bundle.json", record)
+        inference.save(model_temp)
+        vocab.save(vocab_temp)
+        record = {"format_version": FORMAT_VERSION, **settings, "feature_shape": feature_shape,
+                  "max_length": vocab.max_length, "vocab_size": len(vocab), "vocab_fingerprint": vocab.fingerprint,
+                  "model_sha256": sha256_of(model_temp)}
+        write_json_atomic(settings_temp, record)
     return out_dir
 
 
@@ -106,6 +101,9 @@ class Captioner:
         model_file = bundle_dir / "model.keras"
         if not model_file.is_file():
             raise FileNotFoundError(f"{model_file} not found: the bundle is incomplete")
+        if sha256_of(model_file) != settings["model_sha256"]:
+            raise ValueError(f"{model_file} is not the model {settings_file} was saved with (damaged, truncated, or "
+                             "from another bundle): copy the whole bundle folder again, or train again")
         try:
             model = keras.saving.load_model(model_file, safe_mode=True, compile=False)
         except Exception as error:  # Keras raises many kinds; name the file

@@ -16,13 +16,14 @@ missing image entry, an empty caption) are repaired and counted in the report.
 """
 
 import dataclasses
+import hashlib
 import os
 import re
 from pathlib import Path
 
 import pandas as pd
 
-from captioning.fileio import atomic_path, read_json, safe_join, write_json_atomic
+from captioning.fileio import atomic_path, read_json, safe_join, sha256_of, write_json_atomic
 from captioning.vocab import Vocabulary, clean_caption
 
 COLUMNS = ["image_id", "file_name", "image_path", "caption", "split"]
@@ -67,13 +68,21 @@ def _coco_image_dir(data_dir, split):
     return Path(data_dir) / f"{split}2017"
 
 
+def _identifier(value, where, path):
+    """An image id as annotation files write it: an int (COCO) or a non-empty string."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
+        raise ValueError(f"{path}: {where} must be an integer or a non-empty string, got {value!r:.60}")
+    return str(value)
+
+
 def load_coco(annotation_file, image_dir=None, split=None):
     """Load an official COCO captions file (`captions_val2017.json`) into the caption table.
 
     `split` defaults to the one in the file name ("val"); `image_dir` to
-    DIR/<split>2017 or DIR/images beside the `annotations/` folder. Captions
-    whose image id has no entry in "images" cannot be placed on disk: they are
-    dropped and counted in df.attrs["orphan_captions"]. Notebook 01.
+    DIR/<split>2017 or DIR/images beside the `annotations/` folder. The file
+    is checked at the door: image ids and file names unique, every caption's
+    image listed, the required fields of the right types; a problem is a
+    ValueError naming the file, the entry and the field. Notebook 01.
     """
     annotation_file = Path(annotation_file)
     split = split or _coco_split_from_name(annotation_file)
@@ -88,24 +97,34 @@ def load_coco(annotation_file, image_dir=None, split=None):
     if not isinstance(images, list) or not isinstance(annotations, list):
         raise ValueError(f"{annotation_file}: fields 'images' and 'annotations' must be lists")
 
-    files = {}
+    files, names = {}, {}
     for i, image in enumerate(images):
-        image_id = str(_require(image, "id", f"images[{i}]", annotation_file))
+        image_id = _identifier(_require(image, "id", f"images[{i}]", annotation_file), f"images[{i}].id",
+                               annotation_file)
         name = _require(image, "file_name", f"images[{i}]", annotation_file)
+        if not isinstance(name, str):
+            raise ValueError(f"{annotation_file}: images[{i}].file_name must be text, got {name!r:.60}")
+        if image_id in files:
+            raise ValueError(f"{annotation_file}: images[{i}].id {image_id} is listed twice (also images[{names[image_id]}])")
+        if name in names:
+            raise ValueError(f"{annotation_file}: images[{i}].file_name {name!r} is listed twice "
+                             f"(also images[{names[name]}])")
         files[image_id] = _image_path(image_dir, name, f"file name in {annotation_file} images[{i}].file_name")
+        names[image_id] = names[name] = i
 
-    rows, orphans = [], 0
+    rows = []
     for i, annotation in enumerate(annotations):
-        image_id = str(_require(annotation, "image_id", f"annotations[{i}]", annotation_file))
+        image_id = _identifier(_require(annotation, "image_id", f"annotations[{i}]", annotation_file),
+                               f"annotations[{i}].image_id", annotation_file)
         caption = _require(annotation, "caption", f"annotations[{i}]", annotation_file)
         caption = "" if caption is None else caption  # counted as an empty caption by the report
         if not isinstance(caption, str):
             raise ValueError(f"{annotation_file}: annotations[{i}].caption must be text, got {type(caption).__name__}")
-        if image_id in files:
-            rows.append((image_id, files[image_id].name, str(files[image_id]), caption, split))
-        else:
-            orphans += 1
-    return _table(rows, {"orphan_captions": orphans})
+        if image_id not in files:
+            raise ValueError(f"{annotation_file}: annotations[{i}].image_id {image_id} is not in 'images' "
+                             "(a caption of no listed photo: the file is damaged or was mixed with another)")
+        rows.append((image_id, files[image_id].name, str(files[image_id]), caption, split))
+    return _table(rows)
 
 
 def load_karpathy(dataset_json, image_root):
@@ -152,6 +171,14 @@ def _read_lines(path):
         raise ValueError(f"{path}: line {line} is not valid UTF-8 text ({error.reason})") from None
 
 
+def _flickr8k_token_file(data_dir):
+    places = ["Flickr8k.token.txt", "text/Flickr8k.token.txt", "Flickr8k_text/Flickr8k.token.txt"]
+    token_file = next((data_dir / name for name in places if (data_dir / name).is_file()), None)
+    if token_file is None:
+        raise FileNotFoundError(f"Flickr8k captions file not found in {data_dir} (looked for {', '.join(places)})")
+    return token_file
+
+
 def load_flickr8k(data_dir):
     """Load Flickr8k: `Flickr8k.token.txt` (img.jpg#n<TAB>caption) + the official split files.
 
@@ -160,10 +187,7 @@ def load_flickr8k(data_dir):
     Images listed in no split file get the split "unassigned". Notebook 01.
     """
     data_dir = Path(data_dir).resolve()
-    places = ["Flickr8k.token.txt", "text/Flickr8k.token.txt", "Flickr8k_text/Flickr8k.token.txt"]
-    token_file = next((data_dir / name for name in places if (data_dir / name).is_file()), None)
-    if token_file is None:
-        raise FileNotFoundError(f"Flickr8k captions file not found in {data_dir} (looked for {', '.join(places)})")
+    token_file = _flickr8k_token_file(data_dir)
     image_dir = next((data_dir / name for name in ("Flicker8k_Dataset", "Flickr8k_Dataset", "images")
                       if (data_dir / name).is_dir()), data_dir / "Flicker8k_Dataset")
     splits = {}
@@ -200,14 +224,28 @@ def _coco_annotation_files(data_dir):
     return chosen
 
 
+def _coco_sources(data_dir, karpathy_split=None):
+    """(annotation files, photo folders) that a COCO table is made from."""
+    folders = [Path(data_dir) / name for name in ("train2017", "val2017", "images")]
+    if karpathy_split:
+        folders += [Path(data_dir) / name for name in ("train2014", "val2014")]
+        return [Path(karpathy_split)], folders
+    return _coco_annotation_files(data_dir), folders
+
+
+def _flickr8k_sources(data_dir, karpathy_split=None):
+    token_file = _flickr8k_token_file(Path(data_dir))
+    split_files = [token_file.parent / f"Flickr_8k.{split}Images.txt" for split in ("train", "dev", "test")]
+    folders = [Path(data_dir) / name for name in ("Flicker8k_Dataset", "Flickr8k_Dataset", "images")]
+    return [token_file, *split_files], folders
+
+
 def _load_coco(data_dir, karpathy_split=None):
     if karpathy_split:
         return load_karpathy(karpathy_split, data_dir)
     parts = [load_coco(path, _coco_image_dir(data_dir, _coco_split_from_name(path)))
              for path in _coco_annotation_files(data_dir)]
-    df = pd.concat(parts, ignore_index=True)
-    df.attrs["orphan_captions"] = sum(part.attrs["orphan_captions"] for part in parts)
-    return df
+    return pd.concat(parts, ignore_index=True)
 
 
 def _load_flickr8k(data_dir, karpathy_split=None):
@@ -218,8 +256,10 @@ def _load_flickr8k(data_dir, karpathy_split=None):
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """What the pipeline needs to know of a dataset: how to load a folder of it, and its splits."""
+    """What the pipeline needs to know of a dataset: how to load a folder of it, its splits,
+    and which files a table of it is made from (so that a changed file is never silently reused)."""
     load: object  # (data_dir, karpathy_split=None) -> the caption table
+    sources: object  # (data_dir, karpathy_split=None) -> (annotation files, photo folders)
     train_splits: tuple  # what `train` learns from and the vocabulary is built from
     validation_splits: tuple  # what early stopping watches and `evaluate` scores by default
 
@@ -227,9 +267,25 @@ class Dataset:
 # The table of datasets: the CLI's --dataset choices and the notebooks read it.
 # COCO's "restval" exists only with Karpathy's split file (dataset_coco.json).
 DATASETS = {
-    "coco": Dataset(_load_coco, ("train", "restval"), ("val",)),
-    "flickr8k": Dataset(_load_flickr8k, ("train",), ("dev",)),
+    "coco": Dataset(_load_coco, _coco_sources, ("train", "restval"), ("val",)),
+    "flickr8k": Dataset(_load_flickr8k, _flickr8k_sources, ("train",), ("dev",)),
 }
+
+
+def source_fingerprint(dataset, data_dir, karpathy_split=None):
+    """sha256 of what a prepared table is made from: the annotation files' bytes and the names
+    of the photos on disk. prepare records it; a later run reuses prepared data only when the
+    fingerprint is the same, so an edited caption file or newly downloaded photos are never missed."""
+    files, folders = get_dataset(dataset).sources(data_dir, karpathy_split)
+    digest = hashlib.sha256()
+    for path in sorted(map(Path, files)):
+        if path.is_file():
+            digest.update(f"{path.name}\t{sha256_of(path)}\n".encode())
+    for folder in folders:
+        if folder.is_dir():
+            names = sorted(entry.name for entry in os.scandir(folder) if entry.is_file())
+            digest.update(f"{folder.name}\n".encode() + "\n".join(names).encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 def get_dataset(name):
@@ -302,7 +358,7 @@ def quality_report(df):
         },
         "images_per_split": {str(k): int(v) for k, v in df.groupby("split")["image_id"].nunique().items()},
     }
-    for key in ("annotated_images", "annotated_captions", "dropped_images", "orphan_captions"):
+    for key in ("annotated_images", "annotated_captions", "dropped_images"):
         if key in df.attrs:
             report[key] = int(df.attrs[key])
     return report
@@ -328,6 +384,7 @@ def prepare(dataset, data_dir, out_dir, *, min_count=5, max_vocab=None, max_leng
     written last and records the row count and vocabulary fingerprint, so
     `load_prepared` can tell a complete folder from an interrupted one.
     """
+    fingerprint = source_fingerprint(dataset, data_dir, karpathy_split)  # before reading: what we read
     df = load_dataset(dataset, data_dir, karpathy_split=karpathy_split, on_disk_only=on_disk_only)
     if df.empty:
         where = f": none of the {df.attrs.get('annotated_images', 0):,} annotated images is on disk"
@@ -349,6 +406,7 @@ def prepare(dataset, data_dir, out_dir, *, min_count=5, max_vocab=None, max_leng
     words = [word for caption in source["clean"] for word in caption.split()]
     report.update({
         "dataset": dataset, "data_dir": str(Path(data_dir).resolve()), "rows": int(len(df)),
+        "source_fingerprint": fingerprint,
         "vocabulary": {
             "size": len(vocab), "min_count": min_count, "max_size": max_vocab, "max_length": max_length,
             "built_from_splits": sorted(source["split"].unique().tolist()),

@@ -8,8 +8,10 @@ Windows. A reader therefore sees either the old file or the new one, never half.
 """
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,14 +20,15 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, suffix=".tmp"):
     """Yield a temporary path beside `path`; rename it to `path` on success.
 
     On an exception the temporary file is removed and `path` is untouched.
+    `suffix` is the temporary name's ending (Keras insists on ".keras").
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(handle)
     # mkstemp makes the file private (0600); give it the permissions an ordinary
     # open() would, so caches and bundles can be shared with classmates.
@@ -81,6 +84,56 @@ def safe_join(root, name, *, source="file name"):
     if not resolved.is_relative_to(root.resolve()):
         raise ValueError(f"refusing unsafe {source} {name!r}: it points outside {root}")
     return root / candidate
+
+
+def sha256_of(path):
+    """Hex sha256 of a file's bytes, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def writable_folder(path, what="output folder"):
+    """Create `path` if needed and prove that files can be written in it, before any long work
+    starts: a path that is a file, a read-only folder or a full disk is reported now, not after
+    an hour of training. Returns the Path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder: choose a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path) as probe:
+            probe.write(b"x")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write in {what} {path} ({error.strerror}): choose a folder you can "
+                                   "write to, or free some space") from None
+    return path
+
+
+def replace_folder(new, final):
+    """Move the complete folder `new` to `final`, replacing what is there only now that the
+    replacement exists: the old folder is renamed aside, the new one into place, then the old
+    one is deleted. (Renames within one file system are atomic; a crash between the two leaves
+    FINAL.old, which `restore_folder` puts back.)"""
+    new, final = Path(new), Path(final)
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_folder(final):
+    """Put back FINAL.old if a replace_folder was cut between its two renames."""
+    final = Path(final)
+    old = final.with_name(final.name + ".old")
+    if old.is_dir() and not final.exists():
+        os.rename(old, final)
 
 
 def work_paths(work_dir, dataset, encoder=None, pooling="avg", arch=None):

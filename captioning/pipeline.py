@@ -12,6 +12,7 @@ same data with the same settings, so training a second architecture or a
 second seed costs the training only, and evaluating costs the captioning only.
 """
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,11 +24,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from captioning import architectures, encoders  # noqa: E402
-from captioning.data import get_dataset, load_dataset, load_prepared, prepare  # noqa: E402
+from captioning.data import get_dataset, load_dataset, load_prepared, prepare, source_fingerprint  # noqa: E402
 from captioning.evaluation import bleu_scores, bootstrap_intervals, coco_scores_per_image, diversity  # noqa: E402
 from captioning.features import FeatureStore, cache_features  # noqa: E402
-from captioning.fileio import work_paths, write_json_atomic  # noqa: E402
-from captioning.training import MODEL_KEYS, fit_captioner, gather_features, make_dataset, preset_settings  # noqa: E402
+from captioning.fileio import (atomic_path, read_json, replace_folder, restore_folder, work_paths,  # noqa: E402
+                               writable_folder, write_json_atomic)
+from captioning.training import (MODEL_KEYS, fit_captioner, gather_features, make_dataset, preset_settings,  # noqa: E402
+                                 read_history)
 
 # Captioning in chunks keeps beam search's working memory (chunk x beam x vocabulary
 # log-probabilities) small on a full 5,000-image COCO split.
@@ -38,17 +41,20 @@ def _prepared_data(dataset, data_dir, prepared_dir, settings, karpathy_split, lo
     """Reuse the prepared folder when it was made from the same data with the same settings."""
     wanted = {"dataset": dataset, "data_dir": str(Path(data_dir).resolve()),
               "min_count": settings["min_count"], "max_length": settings["max_length"],
-              "karpathy": bool(karpathy_split)}
+              "source_fingerprint": source_fingerprint(dataset, data_dir, karpathy_split)}
     try:
         prepared = load_prepared(prepared_dir)
         report, vocab_report = prepared.report, prepared.report.get("vocabulary", {})
         found = {"dataset": report.get("dataset"), "data_dir": report.get("data_dir"),
                  "min_count": vocab_report.get("min_count"), "max_length": vocab_report.get("max_length"),
-                 "karpathy": "restval" in set(prepared.captions["split"])}
+                 "source_fingerprint": report.get("source_fingerprint")}
         if found == wanted:
             log(f"reusing prepared data in {prepared_dir}")
             return prepared
-        log(f"prepared data in {prepared_dir} has other settings ({found}); preparing again")
+        changed = [key for key in wanted if found[key] != wanted[key]]
+        log(f"prepared data in {prepared_dir} differs in {', '.join(changed)}"
+            + (" (the annotation files or the photos on disk changed)" if "source_fingerprint" in changed else "")
+            + ": preparing again")
     except (FileNotFoundError, ValueError):
         pass
     log(f"preparing {dataset} from {data_dir} into {prepared_dir}")
@@ -78,8 +84,9 @@ def caption_arrays(captions, splits, store, vocab):
 
 
 def history_metrics(history, seconds=None):
-    """The numbers bundle.json keeps: epochs run, the best epoch and its metrics."""
-    logs = history.history
+    """The numbers bundle.json keeps: epochs run, the best epoch and its metrics, from a
+    keras History or a run's complete log ({metric: [values]}, training.read_history)."""
+    logs = getattr(history, "history", history)
     metrics = {"epochs_run": len(logs.get("loss", []))}
     if seconds is not None:
         metrics["training_seconds"] = round(seconds, 1)
@@ -112,19 +119,61 @@ def _self_critical_phase(model, prepared, store, splits, settings, epochs, seed,
                          average_last=settings["self_critical_average"])
 
 
+def _bundle_folder(out_dir, overwrite):
+    """Check --out before any work: a folder for a new bundle, or a trained bundle with overwrite."""
+    out_dir = Path(out_dir)
+    restore_folder(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output folder {out_dir} is a file: choose a folder for the bundle")
+    if (out_dir / "bundle.json").is_file():
+        if not overwrite:
+            raise ValueError(f"{out_dir} holds a trained bundle: choose another output folder, or pass --overwrite "
+                             "(overwrite=True) to replace it once the new one is complete")
+    elif out_dir.is_dir() and any(out_dir.iterdir()):
+        raise ValueError(f"{out_dir} is not empty and holds no bundle: choose a new or empty folder for the bundle")
+    staging = out_dir.with_name(out_dir.name + ".partial")  # this run's work; a rerun resumes from it
+    return out_dir, writable_folder(staging, "output folder")
+
+
+def _same_run_or_start_over(run_dir, run, log):
+    """An interrupted run resumes only into a run of the very same settings and data."""
+    marker = run_dir / "run.json"
+    if marker.is_file() and read_json(marker, "interrupted run's settings") != run:
+        log(f"{run_dir} holds an interrupted run with other settings or data: starting over")
+        shutil.rmtree(run_dir, ignore_errors=True)
+    write_json_atomic(marker, run)
+
+
+def _teacher_forcing(model, train_data, val_data, settings, run_dir, log):
+    """Fit by teacher forcing, or take the weights an earlier, interrupted run finished with."""
+    finished = run_dir / "teacher_forced.weights.h5"
+    if finished.is_file():
+        log(f"teacher forcing finished in an earlier run ({finished}): going on from its weights")
+        model.load_weights(finished)
+        return
+    fit_captioner(model, train_data, val_data, epochs=settings["epochs"], learning_rate=settings["learning_rate"],
+                  label_smoothing=settings["label_smoothing"], patience=settings["patience"], run_dir=run_dir)
+    with atomic_path(finished, suffix=".weights.h5") as temp:
+        model.save_weights(temp)
+
+
 def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs=None, preset="cpu-small",
-                   cache_dir=None, karpathy_split=None, seed=0, strategy=None, log=print, **overrides):
+                   cache_dir=None, karpathy_split=None, seed=0, strategy=None, overwrite=False, log=print,
+                   **overrides):
     """Prepare, cache features, train and save a bundle; what `python -m captioning train` runs.
 
     Trains on the dataset's training splits and early-stops on its validation
     splits (data.DATASETS). Prepared data and features are cached under
     cache_dir (default data/work) and reused by the next run; an architecture
-    that reads grids (attention, notebook 06) has its own feature cache.
-    Returns the bundle folder. Notebook 03.
+    that reads grids (attention, notebook 06) has its own feature cache. The
+    run works in OUT.partial and moves the finished bundle to `out_dir`; a
+    trained bundle there is replaced only with overwrite=True, and only then.
+    An interrupted run, run again, resumes. Returns the bundle folder. Notebook 03.
     """
     from captioning.bundle import save_bundle
     settings = preset_settings(preset, epochs=epochs, **overrides)
     pooling = architectures.pooling(arch)
+    out_dir, staging = _bundle_folder(out_dir, overwrite)
     paths = work_paths(cache_dir or "data/work", dataset, encoder=encoder, pooling=pooling or "none")
     prepared = _prepared_data(dataset, data_dir, paths["prepared"], settings, karpathy_split, log)
     store = _feature_store(prepared.captions, paths["features"], encoder, weights, pooling, log)
@@ -146,20 +195,22 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
         model = architectures.build_captioner(arch, vocab_size=len(prepared.vocab), feature_shape=store.feature_shape,
                                               max_length=prepared.vocab.max_length,
                                               **{key: settings[key] for key in MODEL_KEYS})
-    out_dir = Path(out_dir)
-    run_dir = out_dir / "training"
+    run_dir = staging / "training"
+    _same_run_or_start_over(run_dir, {"arch": arch, "dataset": dataset, "settings": settings, "seed": seed,
+                                      "encoder": store.manifest["weights_id"], "vocabulary": prepared.vocab.fingerprint,
+                                      "features": store.manifest.get("images_sha256")}, log)
     started = time.perf_counter()
-    history = fit_captioner(model, train_data, val_data, epochs=settings["epochs"],
-                            learning_rate=settings["learning_rate"], label_smoothing=settings["label_smoothing"],
-                            patience=settings["patience"], run_dir=run_dir)
-    metrics = history_metrics(history, time.perf_counter() - started)
+    _teacher_forcing(model, train_data, val_data, settings, run_dir, log)
+    metrics = history_metrics(read_history(run_dir), time.perf_counter() - started)
     if settings["self_critical_epochs"] and len(val_arrays[1]):
         metrics["self_critical"] = _self_critical_phase(model, prepared, store, (train_splits, val_splits),
                                                         settings, epochs, seed, log)
-    save_bundle(out_dir, model, prepared.vocab, bundle_settings(
+    save_bundle(staging, model, prepared.vocab, bundle_settings(
         arch, dataset, store, settings, metrics, preset=preset, seed=seed,
         train_splits=list(train_splits), validation_splits=list(val_splits)))
-    (run_dir / "best.keras").unlink(missing_ok=True)  # the bundle's model.keras holds the same weights
+    for leftover in ("best.keras", "teacher_forced.weights.h5"):  # model.keras holds the weights now
+        (run_dir / leftover).unlink(missing_ok=True)
+    replace_folder(staging, out_dir)
     log(f"bundle written to {out_dir} ({metrics})")
     return out_dir
 
@@ -228,6 +279,7 @@ def evaluate_bundle(bundle_dir, dataset, data_dir, split, *, beam_width=3, out_d
     bundle_dir = Path(bundle_dir)
     if not isinstance(beam_width, int) or beam_width < 1:
         raise ValueError(f"beam width must be a positive integer, got {beam_width!r}")
+    out_dir = writable_folder(out_dir if out_dir else bundle_dir / f"eval-{split}", "--out folder")
     captioner = Captioner.load(bundle_dir)
     settings = captioner.settings
     if settings["dataset"] != dataset:
@@ -259,13 +311,14 @@ def evaluate_bundle(bundle_dir, dataset, data_dir, split, *, beam_width=3, out_d
     }
     metrics["seconds"] = round(time.perf_counter() - start, 2)
 
-    out_dir = Path(out_dir) if out_dir else bundle_dir / f"eval-{split}"
     captions = [
         {"id": image_id, "file": images[image_id][0], "path": str(images[image_id][1]),
          "caption": hypotheses[image_id], "references": references[image_id], "scores": per_image[image_id]}
         for image_id in ids
     ]
-    write_json_atomic(out_dir / "captions.json", captions)
-    write_json_atomic(out_dir / "metrics.json", metrics)
+    # Both complete under temporary names before either replaces an earlier run's file.
+    with atomic_path(out_dir / "metrics.json") as metrics_temp, atomic_path(out_dir / "captions.json") as captions_temp:
+        write_json_atomic(captions_temp, captions)
+        write_json_atomic(metrics_temp, metrics)
     metrics["out_dir"] = str(out_dir)
     return metrics

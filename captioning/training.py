@@ -12,6 +12,10 @@ the accuracy average over real words only: a model that predicts <pad> after
 <end> has learned nothing worth rewarding.
 """
 
+import csv
+import os
+import shutil
+import sys
 from pathlib import Path
 
 from captioning import quiet_tensorflow
@@ -187,19 +191,61 @@ def compile_captioner(model, *, learning_rate=1e-3, label_smoothing=0.0):
     return model
 
 
+def read_history(run_dir):
+    """{metric: [value per epoch]} from a run's history.csv: every epoch of the run, also
+    across interruptions (the CSV log appends when a run resumes). {} if there is none."""
+    path = Path(run_dir) / "history.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return {key: [float(row[key]) for row in rows] for key in (rows[0] if rows else {}) if key != "epoch"}
+
+
+class ResumableBackup(keras.callbacks.BackupAndRestore):
+    """Keras's BackupAndRestore, except that a backup it cannot restore (damaged by a kill
+    mid-write or a full disk, or made by a model with other settings) never blocks a rerun:
+    it is moved aside with a one-line warning, and training starts from its first epoch."""
+
+    def __init__(self, backup_dir, csv_logger, checkpoint):
+        super().__init__(str(backup_dir))
+        self.csv_logger, self.checkpoint = csv_logger, checkpoint
+
+    def on_train_begin(self, logs=None):
+        initial = self.model.get_weights()
+        try:
+            return super().on_train_begin(logs)
+        except Exception as error:  # h5py, json and Keras raise many kinds for one bad folder
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        self.model.set_weights(initial)
+        self.model._initial_epoch = None
+        aside = Path(self.backup_dir).with_name("backup.unusable")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(self.backup_dir, aside)
+        self.csv_logger.append, self.checkpoint.best = False, None
+        print(f"warning: the training backup in {self.backup_dir} cannot be restored ({reason[:200]}); "
+              f"moved to {aside.name}, training from the first epoch", file=sys.stderr)
+
+
 def training_callbacks(run_dir, *, patience=4, monitor="val_loss", tensorboard=False):
-    """Best-model checkpoint, early stopping, CSV log, resumable backup (+ TensorBoard)."""
+    """Resumable backup, best-model checkpoint, early stopping, CSV log (+ TensorBoard).
+
+    If this run is killed, running it again continues from the last finished
+    epoch instead of epoch 1 (Keras deletes the backup when training ends
+    normally); the log then appends, and the checkpoint only replaces the best
+    model of the earlier epochs with a better one.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    earlier = read_history(run_dir) if (run_dir / "backup").is_dir() else {}
+    csv_logger = keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=bool(earlier))
+    checkpoint = keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=monitor, save_best_only=True,
+                                                 initial_value_threshold=min(earlier.get(monitor, []), default=None))
     callbacks = [
-        # Resuming: if this run is killed, running it again continues from the
-        # last finished epoch instead of epoch 1. Keras deletes the backup when
-        # training ends normally.
-        keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
-        keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=monitor, save_best_only=True),
+        ResumableBackup(run_dir / "backup", csv_logger, checkpoint),  # first: it decides whether we resume
+        checkpoint,
         keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True),
-        # Append only when resuming, so that a new run starts a new log.
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=(run_dir / "backup").exists()),
+        csv_logger,
     ]
     if tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "logs")))
@@ -208,21 +254,26 @@ def training_callbacks(run_dir, *, patience=4, monitor="val_loss", tensorboard=F
 
 def fit_captioner(model, train_data, validation_data=None, *, epochs=30, learning_rate=1e-3,
                   label_smoothing=0.0, patience=4, run_dir=None, tensorboard=False, verbose=2):
-    """Compile and fit a caption model (notebook 03) -> keras History.
+    """Compile and fit a caption model (notebook 03) -> keras History (of this call's epochs;
+    `read_history(run_dir)` has every epoch of a run that was interrupted and resumed).
 
     Build the model inside `strategy.scope()` to train on several devices; the
     datasets are then split across them by Keras. With a run_dir, the usual
     callbacks are attached (see training_callbacks); early stopping watches the
-    validation loss when there is validation data and restores the best weights.
+    validation loss when there is validation data, and the model ends with the
+    best weights of the whole run.
     """
     compile_captioner(model, learning_rate=learning_rate, label_smoothing=label_smoothing)
     monitor = "val_loss" if validation_data is not None else "loss"
-    callbacks = []
-    if run_dir is not None:
-        callbacks = training_callbacks(run_dir, patience=patience, monitor=monitor, tensorboard=tensorboard)
+    if run_dir is None:
+        callbacks = [keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True)]
     else:
-        callbacks = [keras.callbacks.EarlyStopping(monitor=monitor, patience=patience,
-                                                   restore_best_weights=True)]
+        callbacks = training_callbacks(run_dir, patience=patience, monitor=monitor, tensorboard=tensorboard)
     # shuffle=False: make_dataset already shuffles, once per epoch, with its seed.
-    return model.fit(train_data, validation_data=validation_data, epochs=epochs, callbacks=callbacks,
-                     shuffle=False, verbose=verbose)
+    history = model.fit(train_data, validation_data=validation_data, epochs=epochs, callbacks=callbacks,
+                        shuffle=False, verbose=verbose)
+    best = Path(run_dir) / "best.keras" if run_dir is not None else None
+    if best is not None and best.is_file() and len(history.epoch) < len(read_history(run_dir).get(monitor, [])):
+        # Resumed: early stopping only saw the epochs since; the checkpoint saw them all.
+        model.set_weights(keras.saving.load_model(best, compile=False, safe_mode=True).get_weights())
+    return history

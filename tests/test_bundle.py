@@ -13,6 +13,7 @@ tf = quiet_tensorflow()
 import keras  # noqa: E402
 
 from captioning.bundle import Captioner, save_bundle  # noqa: E402
+from captioning.fileio import sha256_of  # noqa: E402
 from captioning.vocab import Vocabulary  # noqa: E402
 from test_training import FEATURE_DIM, synthetic_captions, synthetic_vocab, train_synthetic  # noqa: E402
 
@@ -86,11 +87,22 @@ def test_missing_or_broken_files_are_clear_errors(bundle_dir, tmp_path):
 
 
 def test_a_model_with_python_code_is_not_run(bundle_dir):
-    # A shared model.keras could carry a Lambda layer with arbitrary code; safe mode refuses it.
+    # A shared bundle could carry a Lambda layer with arbitrary code (and a bundle.json that
+    # vouches for it); safe mode refuses it.
     inputs = keras.Input((FEATURE_DIM,), name="image")
     evil = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2, name="evil")(inputs), name="merge_captioner")
     evil.save(bundle_dir / "model.keras")
+    settings = json.loads((bundle_dir / "bundle.json").read_text())
+    settings["model_sha256"] = sha256_of(bundle_dir / "model.keras")
+    (bundle_dir / "bundle.json").write_text(json.dumps(settings))
     with pytest.raises(ValueError, match="model.keras: cannot load.*safe_mode"):
+        Captioner.load(bundle_dir)
+
+
+def test_a_model_file_that_is_not_the_saved_one_is_refused(bundle_dir):
+    data = (bundle_dir / "model.keras").read_bytes()
+    (bundle_dir / "model.keras").write_bytes(data[: len(data) // 2])  # a copy cut short
+    with pytest.raises(ValueError, match="model.keras is not the model .*bundle.json was saved with"):
         Captioner.load(bundle_dir)
 
 

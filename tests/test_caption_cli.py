@@ -64,7 +64,7 @@ def test_beam_width_option_and_bad_arguments(flickr8k_bundle, photos, tmp_path):
     assert refused.returncode == 2 and "--beam" in refused.stderr
 
     absent = run_cli("caption", "--model", tmp_path / "no-such-bundle", photos[0], check=False)
-    assert absent.returncode == 2 and "no-such-bundle" in absent.stderr
+    assert absent.returncode == 1 and "no-such-bundle" in absent.stderr
     assert "Traceback" not in absent.stderr
 
 

@@ -36,9 +36,8 @@ def coco_images(count):
 
 @pytest.fixture
 def coco_dir(tmp_path):
-    """Three val images (two on disk), 2 captions each, plus one caption whose image has no entry."""
+    """Three val images (two on disk), 2 captions each."""
     annotations = [{"image_id": i, "caption": f"A dog number {i}, take {j}."} for i in (1, 2, 3) for j in (1, 2)]
-    annotations.append({"image_id": 99, "caption": "An orphan."})
     write_coco(tmp_path, coco_images(3), annotations, on_disk={1, 2})
     return tmp_path
 
@@ -51,7 +50,6 @@ def test_load_coco_gives_one_row_per_caption(coco_dir):
     first = df.iloc[0]
     assert first["file_name"] == "000000000001.jpg" and first["caption"] == "A dog number 1, take 1."
     assert Path(first["image_path"]).is_absolute() and Path(first["image_path"]).is_file()
-    assert df.attrs["orphan_captions"] == 1  # image 99 has no image entry: dropped and counted
 
 
 def test_on_disk_only_drops_missing_images_and_counts_them(coco_dir):

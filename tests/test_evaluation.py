@@ -254,4 +254,4 @@ def test_evaluate_cli_on_flickr8k_dev(flickr8k_bundle, flickr8k_small_dir, flick
 
     bad = run_cli("evaluate", "--model", flickr8k_bundle, "--dataset", "flickr8k", "--data-dir", flickr8k_small_dir,
                   "--split", "test", "--cache-dir", flickr8k_work_dir, "--out", tmp_path / "bad", check=False)
-    assert bad.returncode == 2 and "split 'test' has no images" in bad.stderr and "dev" in bad.stderr
+    assert bad.returncode == 1 and "split 'test' has no images" in bad.stderr and "dev" in bad.stderr
