@@ -184,6 +184,9 @@ def cmd_prepare(args):
           f"length {lengths['min']}-{lengths['max']} words (mean {lengths['mean']})")
     print(f"  empty: {report['empty_captions']}, duplicate: {report['duplicate_captions']}, "
           f"non-ASCII: {report['non_ascii_captions']}")
+    for kind, entry in report.get("bad_rows", {}).items():  # a captions file of your own (own_data.py)
+        print(f"  left out, {kind.replace('_', ' ')}: {entry['count']} row(s), lines "
+              f"{', '.join(map(str, entry['lines']))}{' ...' if entry['count'] > len(entry['lines']) else ''}")
     vocab = report["vocabulary"]
     print(f"  vocabulary: {vocab['size']:,} words (min count {vocab['min_count']}, max length "
           f"{vocab['max_length']}), unknown-word rate {vocab['unknown_word_rate']:.1%}")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from captioning import own_data
 from captioning.fileio import atomic_path, read_json, safe_join, sha256_of, write_json_atomic
 from captioning.vocab import Vocabulary, clean_caption
 
@@ -254,6 +255,11 @@ def _load_flickr8k(data_dir, karpathy_split=None):
     return load_flickr8k(data_dir)
 
 
+def _load_own(data_dir, karpathy_split=None):
+    rows, bad_rows = own_data.load_own(data_dir, karpathy_split)
+    return _table(rows, {"bad_rows": bad_rows})
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """What the pipeline needs to know of a dataset: how to load a folder of it, its splits,
@@ -269,6 +275,7 @@ class Dataset:
 DATASETS = {
     "coco": Dataset(_load_coco, _coco_sources, ("train", "restval"), ("val",)),
     "flickr8k": Dataset(_load_flickr8k, _flickr8k_sources, ("train",), ("dev",)),
+    "csv": Dataset(_load_own, own_data.own_sources, ("train",), ("val",)),  # your own photos: own_data.py
 }
 
 
@@ -361,6 +368,8 @@ def quality_report(df):
     for key in ("annotated_images", "annotated_captions", "dropped_images"):
         if key in df.attrs:
             report[key] = int(df.attrs[key])
+    if "bad_rows" in df.attrs:  # a captions file of your own: rows left out, by kind, with their lines
+        report["bad_rows"] = {kind: {"count": len(lines), "lines": lines[:20]} for kind, lines in df.attrs["bad_rows"].items()}
     return report
 
 

@@ -1,0 +1,124 @@
+"""A dataset of your own: a folder of photos and a captions.csv (or captions.jsonl). Notebook 01.
+
+    my_photos/
+        captions.csv          image,caption[,split]
+        beach.jpg             image paths are relative to the folder
+        holiday/dog.png
+
+One row per caption: `image` (the photo's path inside the folder), `caption`,
+and optionally `split` ("train", "val" or "test"; "dev" and "validation" are
+read as "val"). Without a split column every photo is assigned one by a seeded
+hash of its path: 80% train, 10% val, 10% test, all captions of a photo in
+the same split, and a photo added later never moves the others. captions.jsonl
+holds the same fields, one JSON object per line.
+
+Files people write by hand have mistakes. A row whose photo is missing, whose
+caption is empty, whose bytes are not UTF-8, or that repeats another row word
+for word is left out, counted and named (its line number) in the table's
+attrs["bad_rows"], which the data-quality report shows: never silently kept,
+never a reason to refuse the other rows. A file with no usable row, or
+without the `image` and `caption` columns, is an error naming the file.
+"""
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+
+from captioning.fileio import safe_join
+
+SPLIT_NAMES = {"train": "train", "val": "val", "dev": "val", "validation": "val", "test": "test"}
+SHARES = (("train", 0.8), ("val", 0.9), ("test", 1.0))  # cumulative: 80/10/10
+BAD_ROW_KINDS = ("missing_image", "empty_caption", "not_utf8", "duplicate", "bad_split", "unsafe_path")
+
+
+def captions_file(folder):
+    """The folder's captions.csv or captions.jsonl."""
+    for name in ("captions.csv", "captions.jsonl"):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    raise FileNotFoundError(f"no captions.csv or captions.jsonl in {folder} (columns: image, caption[, split])")
+
+
+def seeded_split(image, seed=0):
+    """train/val/test for a photo from a hash of its path: stable, whatever else is in the folder."""
+    fraction = int.from_bytes(hashlib.sha256(f"{seed}:{image}".encode("utf-8", "surrogateescape")).digest()[:8],
+                              "big") / 2 ** 64
+    return next(split for split, upper in SHARES if fraction < upper)
+
+
+def _undecodable(text):
+    """True if `text` holds bytes that were not UTF-8 (decoded with surrogateescape)."""
+    return any("\udc80" <= char <= "\udcff" for char in text)
+
+
+def _records(path):
+    """(line number, {field: text}, decodes as UTF-8) for every row of the file."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8-sig", errors="surrogateescape")  # keep going past bad bytes, then name them
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}: line {number} is not a JSON object ({error.msg})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}: line {number} is not a JSON object")
+                yield number, {key: "" if value is None else str(value) for key, value in record.items()}, \
+                    not _undecodable(line)
+        return
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = {"image", "caption"} - set(reader.fieldnames or ())
+    if missing:
+        raise ValueError(f"{path}: the header must name the columns image and caption (and optionally split); "
+                         f"missing {sorted(missing)}, found {reader.fieldnames}")
+    for row in reader:
+        values = " ".join(value for value in row.values() if isinstance(value, str))
+        yield reader.line_num, {key: value or "" for key, value in row.items() if key}, not _undecodable(values)
+
+
+def load_own(data_dir, karpathy_split=None, seed=0):
+    """The caption table of a folder with captions.csv / captions.jsonl (see the top of this file)."""
+    if karpathy_split:
+        raise ValueError("a Karpathy split file is for COCO only")
+    folder = Path(data_dir).resolve()
+    path = captions_file(folder)
+    rows, seen, bad = [], set(), {kind: [] for kind in BAD_ROW_KINDS}
+    for number, record, readable in _records(path):
+        image, caption = record.get("image", "").strip(), record.get("caption", "").strip()
+        if not readable:
+            bad["not_utf8"].append(number)
+            continue
+        try:
+            photo = safe_join(folder, image, source=f"image in {path} line {number}")
+        except ValueError:
+            bad["unsafe_path"].append(number)
+            continue
+        split = record.get("split", "").strip().lower()
+        if split and split not in SPLIT_NAMES:
+            bad["bad_split"].append(number)
+            continue
+        if not caption:
+            bad["empty_caption"].append(number)
+        elif not photo.is_file():
+            bad["missing_image"].append(number)
+        elif (image, caption) in seen:
+            bad["duplicate"].append(number)
+        else:
+            seen.add((image, caption))
+            image_id = image.rsplit(".", 1)[0] if "." in Path(image).name else image
+            rows.append((image_id, photo.name, str(photo), caption,
+                         SPLIT_NAMES[split] if split else seeded_split(image, seed)))
+    if not rows:
+        raise ValueError(f"{path}: no usable row (bad rows by kind: "
+                         f"{ {kind: len(lines) for kind, lines in bad.items() if lines} })")
+    return rows, {kind: lines for kind, lines in bad.items() if lines}
+
+
+def own_sources(data_dir, karpathy_split=None):
+    """(annotation files, photo folders) a table of the folder is made from: the captions file,
+    the folder and every folder inside it (photos may sit in sub-folders)."""
+    folder = Path(data_dir)
+    return [captions_file(folder)], [folder, *sorted(path for path in folder.rglob("*") if path.is_dir())]
