@@ -276,7 +276,9 @@ def cmd_evaluate(args):
         metrics = evaluate_bundle(args.model, args.dataset, args.data_dir, args.split, beam_width=args.beam,
                                   out_dir=args.out, cache_dir=args.cache_dir, karpathy_split=args.karpathy_split)
     print(json.dumps(metrics, indent=2))
-    print(f"captions of {metrics['images']} images written to {metrics['out_dir']}/captions.json", file=sys.stderr)
+    shown = metrics["diversity"]
+    print(f"{shown['distinct_captions']} different captions for {metrics['images']} images, written to "
+          f"{metrics['out_dir']}/captions.json", file=sys.stderr)
     return 0
 
 

@@ -261,6 +261,35 @@ def diversity(hypotheses, training_captions):
     }
 
 
+SAME_CAPTION_CAUSES = (
+    "the photos' features are almost the same: wrong encoder weights (WEIGHTS=none is random) or preprocessing; "
+    "the feature cache says so when it is built (`features` prints the spread of the features)",
+    "too few epochs: bundle.json's metrics.epochs_run, and whether the validation loss in training/history.csv "
+    "was still falling",
+    "a vocabulary too small for the captions: prepare's vocabulary size and unknown-word rate",
+    "the learning rate: too high makes the loss jump or turn nan, too low barely moves it (training/history.csv)",
+)
+
+
+def same_caption_warning(captions):
+    """None, or a warning when most photos got the same caption (notebook 05).
+
+    A captioner that writes "a man in a blue shirt is standing" for every photo
+    has learnt the captions' language but not to look: the usual symptom of
+    one of SAME_CAPTION_CAUSES. "Most" is more than half of the photos, and at
+    least five of them.
+    """
+    captions = [" ".join(tokenize(caption)) for caption in captions]
+    if not captions:
+        return None
+    text, count = Counter(captions).most_common(1)[0]
+    if count * 2 <= len(captions) or count < 5:
+        return None
+    checks = "".join(f"\n  - {cause}" for cause in SAME_CAPTION_CAUSES)
+    return (f"{count} of {len(captions)} photos got the same caption ({text!r}): the model is not looking at the "
+            f"photos. The usual causes, and what to check:{checks}")
+
+
 def bootstrap_intervals(references, hypotheses, *, cider_per_image=None, resamples=1000, confidence=0.95, seed=0):
     """How far BLEU-4 and CIDEr-D could move on another set of images like these (notebook 05).
 

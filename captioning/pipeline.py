@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 
 from captioning import architectures, encoders  # noqa: E402
 from captioning.data import get_dataset, load_dataset, load_prepared, prepare, source_fingerprint  # noqa: E402
-from captioning.evaluation import bleu_scores, bootstrap_intervals, coco_scores_per_image, diversity  # noqa: E402
+from captioning.evaluation import (bleu_scores, bootstrap_intervals, coco_scores_per_image, diversity,  # noqa: E402
+                                  same_caption_warning)
 from captioning.features import FeatureStore, cache_features  # noqa: E402
 from captioning.fileio import (atomic_path, read_json, replace_folder, restore_folder, work_paths,  # noqa: E402
                                writable_folder, write_json_atomic)
@@ -105,6 +106,25 @@ def bundle_settings(arch, dataset, store, settings, metrics, **extra):
     return {"arch": arch, "dataset": dataset, "encoder": encoder, "training": settings, "metrics": metrics,
             "decoding": {"length_alpha": settings["length_alpha"], "no_repeat_ngram": settings["no_repeat_ngram"]},
             **extra}
+
+
+def _distinct_captions(model, vocab, val_arrays, settings, log):
+    """Caption the validation photos once and say how many different captions that gave: a
+    model that says the same thing about every photo is caught here, not by a user later."""
+    from captioning.architectures import make_step_decoder
+    from captioning.decoding import beam_search
+    features = val_arrays[0][:CHUNK]
+    if not len(features):
+        return None
+    results = beam_search(make_step_decoder(model), features, start_id=vocab.start_id, end_id=vocab.end_id,
+                          max_length=vocab.max_length, beam_width=3, banned_ids=[vocab.unk_id],
+                          length_alpha=settings["length_alpha"], no_repeat_ngram=settings["no_repeat_ngram"])
+    captions = [vocab.decode(hypotheses[0].ids) for hypotheses in results]
+    log(f"{len(set(captions))} different captions for {len(captions)} validation photos")
+    warning = same_caption_warning(captions)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return {"photos": len(captions), "distinct": len(set(captions))}
 
 
 def _self_critical_phase(model, prepared, store, splits, settings, epochs, seed, log):
@@ -205,6 +225,7 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
     if settings["self_critical_epochs"] and len(val_arrays[1]):
         metrics["self_critical"] = _self_critical_phase(model, prepared, store, (train_splits, val_splits),
                                                         settings, epochs, seed, log)
+    metrics["validation_captions"] = _distinct_captions(model, prepared.vocab, val_arrays, settings, log)
     save_bundle(staging, model, prepared.vocab, bundle_settings(
         arch, dataset, store, settings, metrics, preset=preset, seed=seed,
         train_splits=list(train_splits), validation_splits=list(val_splits)))
@@ -297,6 +318,9 @@ def evaluate_bundle(bundle_dir, dataset, data_dir, split, *, beam_width=3, out_d
     references = {image_id: raw_references[image_id] for image_id in ids}
     training = df.loc[df["split"].isin(settings["train_splits"]), "caption"]
 
+    warning = same_caption_warning(generated)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     coco, per_image = coco_scores_per_image(references, hypotheses, meteor=meteor)
     metrics = {
         "bundle": str(bundle_dir), "arch": settings["arch"], "dataset": dataset, "split": split,
@@ -307,6 +331,7 @@ def evaluate_bundle(bundle_dir, dataset, data_dir, split, *, beam_width=3, out_d
         "intervals": bootstrap_intervals(references, hypotheses,
                                          cider_per_image={key: value["CIDEr"] for key, value in per_image.items()}),
         "diversity": diversity(hypotheses, training),
+        "warnings": [warning] if warning else [],
         "tokenization": "captioning.vocab.clean_caption, space-joined, for nltk and the COCO toolkit alike",
     }
     metrics["seconds"] = round(time.perf_counter() - start, 2)
