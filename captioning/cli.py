@@ -15,6 +15,7 @@ import sys
 from captioning.architectures import ARCHITECTURES
 from captioning.data import DATASETS
 from captioning.encoders import ENCODERS
+from captioning.export import FORMATS
 from captioning.training import PRESETS
 
 
@@ -96,6 +97,20 @@ def build_parser():
     evaluate.add_argument("--karpathy-split", default=None,
                           help="COCO only: Karpathy's dataset_coco.json, for --split test/val/restval")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    export = commands.add_parser("export", help="write a bundle as a TensorFlow SavedModel or a LiteRT model, "
+                                                "to caption photos without this package")
+    export.add_argument("--model", required=True, help="bundle folder written by `train`")
+    export.add_argument("--out", required=True, help="folder to write (an existing one must be empty or a previous "
+                                                     "export, which is replaced)")
+    export.add_argument("--format", choices=FORMATS, default="savedmodel",
+                        help="'savedmodel': photo bytes in, captions out; 'litert': a .tflite file, resized pixels "
+                             "in, word ids out (see captioning/export.py)")
+    export.add_argument("--beam", type=int, default=3, help="beam width built into the export (1 = greedy)")
+    export.add_argument("--weights", default=None,
+                        help="where to find the encoder weights the bundle was trained with, if not where "
+                             "bundle.json says (they must be the same weights)")
+    export.set_defaults(handler=cmd_export)
     return parser
 
 
@@ -208,6 +223,17 @@ def cmd_evaluate(args):
                                   out_dir=args.out, cache_dir=args.cache_dir, karpathy_split=args.karpathy_split)
     print(json.dumps(metrics, indent=2))
     print(f"captions of {metrics['images']} images written to {metrics['out_dir']}/captions.json", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args):
+    if args.beam < 1:
+        raise ValueError(f"--beam must be at least 1 (1 = greedy), not {args.beam}")
+    from captioning.export import export_bundle
+
+    out = export_bundle(args.model, args.out, format=args.format, beam_width=args.beam, weights=args.weights)
+    what = "model.tflite + vocabulary.json" if args.format == "litert" else "a SavedModel"
+    print(f"exported {args.model} as {what} (beam width {args.beam}) to {out}")
     return 0
 
 
