@@ -195,16 +195,6 @@ def _read_photo(encoded, encoder):
         return encoder.preprocess(image_io.resize(image, encoder.image_size))
 
 
-def _save(serve, models, out_dir):
-    """A SavedModel with one signature, `serving_default`."""
-    module = tf.Module()
-    # The weights the graph reads, tracked so that they are saved (as keras.export does: the
-    # variables alone, not the thousands of Keras objects that hold them).
-    module.weights = [variable for model in models for variable in model.variables]
-    module.serve = serve
-    tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serve})
-
-
 def _savedmodel(captioner, encoder, beam_width, out_dir):
     search, words = graph_search(captioner, beam_width, tf.float64), tf.constant(captioner.vocab.words)
     photo = tf.TensorSpec((encoder.image_size, encoder.image_size, 3), tf.float32)
@@ -217,7 +207,11 @@ def _savedmodel(captioner, encoder, beam_width, out_dir):
                                       axis=1, separator=" ")
         return {"captions": text, "scores": tf.cast(scores, tf.float32)}
 
-    _save(serve, [encoder.model, captioner.model], out_dir)
+    module = tf.Module()
+    # The weights the graph reads, tracked so that they are saved (as keras.export does: the
+    # variables alone, not the thousands of Keras objects that hold them, which take far longer).
+    module.weights, module.serve = [*encoder.model.variables, *captioner.model.variables], serve
+    tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serve})
     return {"inputs": {"images": "(N,) string: encoded photos (JPEG, PNG, GIF or BMP)"},
             "outputs": {"captions": "(N,) string", "scores": "(N,) float32: log_prob / length ** length_alpha"}}
 
