@@ -15,6 +15,7 @@ One module per pipeline stage, in the order the notebooks teach them:
     pipeline       the `train` and `evaluate` commands, end to end                    (notebooks 03, 05)
     decoding       batched greedy and beam search, sampling                           (notebook 04)
     evaluation     BLEU, METEOR, ROUGE-L, CIDEr-D, diversity, bootstrap intervals     (notebook 05)
+    export         a bundle as a SavedModel or .tflite that runs without this package (notebook 04)
     attention      the soft-attention architecture                                    (notebook 06)
     cli            `python -m captioning ...`
 

@@ -42,6 +42,7 @@ ARCHITECTURES = TableNames("architectures", "ARCHITECTURES")
 DATASETS = TableNames("data", "DATASETS")
 ENCODERS = TableNames("encoders", "ENCODERS")
 PRESETS = TableNames("training", "PRESETS")
+FORMATS = TableNames("export", "FORMATS")
 
 
 def bounded(low, high=None):
@@ -156,6 +157,20 @@ def build_parser():
     evaluate.add_argument("--karpathy-split", default=None,
                           help="COCO only: Karpathy's dataset_coco.json, for --split test/val/restval")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    export = commands.add_parser("export", help="write a bundle as a TensorFlow SavedModel or a LiteRT model, "
+                                                "to caption photos without this package")
+    export.add_argument("--model", required=True, help="bundle folder written by `train`")
+    export.add_argument("--out", required=True, help="folder to write (an existing one must be empty or a previous "
+                                                     "export, which is replaced)")
+    export.add_argument("--format", choices=FORMATS, metavar="FORMAT", default="savedmodel",
+                        help="'savedmodel': photo bytes in, captions out; 'litert': a .tflite file, resized pixels "
+                             "in, word ids out (see captioning/export.py)")
+    export.add_argument("--beam", type=bounded(1, 100), default=3, help="beam width built into the export (1 = greedy)")
+    export.add_argument("--weights", default=None,
+                        help="where to find the encoder weights the bundle was trained with, if not where "
+                             "bundle.json says (they must be the same weights)")
+    export.set_defaults(handler=cmd_export)
     return parser
 
 
@@ -279,6 +294,15 @@ def cmd_evaluate(args):
     shown = metrics["diversity"]
     print(f"{shown['distinct_captions']} different captions for {metrics['images']} images, written to "
           f"{metrics['out_dir']}/captions.json", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args):
+    from captioning.export import export_bundle
+
+    out = export_bundle(args.model, args.out, format=args.format, beam_width=args.beam, weights=args.weights)
+    what = "model.tflite + vocabulary.json" if args.format == "litert" else "a SavedModel"
+    print(f"exported {args.model} as {what} (beam width {args.beam}) to {out}")
     return 0
 
 
