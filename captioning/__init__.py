@@ -34,15 +34,26 @@ import sys
 __version__ = "0.1.0"
 
 
-def quiet_tensorflow():
+_MULTI_WORKER = []  # the MultiWorkerMirroredStrategy, once made (see quiet_tensorflow)
+
+
+def quiet_tensorflow(multi_worker=False):
     """Import TensorFlow with its C++ start-up log lines silenced, and return it.
 
     TensorFlow 2.21 prints INFO lines (oneDNN, CUDA stubs) through absl before
     any Python logging is configured, and no environment variable turns them
     off any more. We point the process's stderr at /dev/null for the import
     only, so warnings and errors raised later still reach the user.
+
+    multi_worker=True also makes the tf.distribute.MultiWorkerMirroredStrategy
+    of this process (its peers are in the TF_CONFIG environment variable), which
+    TensorFlow only allows before the first operation runs: `train --distribute
+    multi-worker` calls this first thing. multi_worker_strategy() returns it.
     """
     if "tensorflow" in sys.modules:
+        if multi_worker and not _MULTI_WORKER:
+            raise RuntimeError("the multi-worker strategy must be made before TensorFlow runs anything: "
+                               "call quiet_tensorflow(multi_worker=True) first")
         return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Always file descriptor 2, the one the C++ runtime writes to: inside a
@@ -55,9 +66,37 @@ def quiet_tensorflow():
         sys.stderr.flush()
         os.dup2(devnull, stderr_fd)
         import tensorflow as tf
+        if multi_worker:
+            _MULTI_WORKER.append(_multi_worker_class(tf)())
         tf.constant(0)  # the first op initialises the remaining runtime logs
     finally:
         os.dup2(saved_fd, stderr_fd)
         os.close(saved_fd)
         os.close(devnull)
     return tf
+
+
+def _multi_worker_class(tf):
+    """tf.distribute.MultiWorkerMirroredStrategy with the reduce() Keras 3's fit() expects.
+
+    With two or more workers, fit() asks the strategy to reduce (1) a whole
+    batch at once, to learn its shapes, which TensorFlow's collective reduce
+    refuses for a structure of tensors (ours: a dict of inputs and the targets;
+    keras-team/keras#20329), and (2) each step's scalar loss and metrics "over
+    axis 0", which a scalar does not have. Reducing each tensor on its own, and
+    a scalar across the workers only, is what both mean.
+    """
+    class KerasFriendlyStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+        def reduce(self, reduce_op, value, axis):
+            def reduce_one(one):
+                local = self.experimental_local_results(one)[0]
+                scalar = getattr(local, "shape", None) is not None and local.shape.rank == 0
+                return super(KerasFriendlyStrategy, self).reduce(reduce_op, one, None if scalar else axis)
+            return tf.nest.map_structure(reduce_one, value)
+
+    return KerasFriendlyStrategy
+
+
+def multi_worker_strategy():
+    """The strategy quiet_tensorflow(multi_worker=True) made, or None."""
+    return _MULTI_WORKER[0] if _MULTI_WORKER else None

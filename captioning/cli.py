@@ -233,13 +233,12 @@ def cmd_train(args):
     from captioning.pipeline import train_pipeline
 
     strategy = None
-    if args.distribute != "none":
+    if args.distribute == "mirrored":  # every GPU of this machine
         from captioning import quiet_tensorflow
-        tf = quiet_tensorflow()
-        # mirrored: every GPU of this machine; multi-worker: several machines, each
-        # told its role by the TF_CONFIG environment variable.
-        strategy = (tf.distribute.MirroredStrategy() if args.distribute == "mirrored"
-                    else tf.distribute.MultiWorkerMirroredStrategy())
+        strategy = quiet_tensorflow().distribute.MirroredStrategy()
+    elif args.distribute == "multi-worker":  # several machines, each told its role by TF_CONFIG
+        from captioning import multi_worker_strategy
+        strategy = multi_worker_strategy()
     bundle = train_pipeline(
         args.dataset, args.data_dir, encoder=args.encoder, weights=args.weights, arch=args.arch,
         out_dir=args.out, epochs=args.epochs, preset=args.preset, cache_dir=args.cache_dir,
@@ -334,6 +333,11 @@ def describe(error):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(argument) for argument in argv]
+    if "multi-worker" in argv and "--distribute" in argv:
+        # Before anything imports TensorFlow (checking --arch does): see quiet_tensorflow.
+        from captioning import quiet_tensorflow
+        quiet_tensorflow(multi_worker=True)
     args = build_parser().parse_args(argv)  # a bad option exits 2 with the usage line
     debug = args.debug or os.environ.get("CAPTIONING_DEBUG") == "1"
     try:

@@ -155,6 +155,18 @@ def _bundle_folder(out_dir, overwrite):
     return out_dir, writable_folder(staging, "output folder")
 
 
+def _worker_id(strategy):
+    """None for a single process or a cluster's chief (it writes the bundle); else this worker's
+    task id. Without a "chief" in TF_CONFIG, worker 0 is the chief, as TensorFlow has it."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return None
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    if resolver.task_type == "chief" or (not has_chief and resolver.task_id == 0):
+        return None
+    return f"{resolver.task_type}-{resolver.task_id}"
+
+
 def _same_run_or_start_over(run_dir, run, log):
     """An interrupted run resumes only into a run of the very same settings and data."""
     marker = run_dir / "run.json"
@@ -193,7 +205,12 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
     from captioning.bundle import save_bundle
     settings = preset_settings(preset, epochs=epochs, **overrides)
     pooling = architectures.pooling(arch)
-    out_dir, staging = _bundle_folder(out_dir, overwrite)
+    worker = _worker_id(strategy)
+    if worker is None:
+        out_dir, staging = _bundle_folder(out_dir, overwrite)
+    else:  # another worker of a cluster: same work, its own scratch folder, the chief writes the bundle
+        out_dir = Path(out_dir)
+        staging = writable_folder(out_dir.with_name(f"{out_dir.name}.worker-{worker}.partial"), "output folder")
     paths = work_paths(cache_dir or "data/work", dataset, encoder=encoder, pooling=pooling or "none")
     prepared = _prepared_data(dataset, data_dir, paths["prepared"], settings, karpathy_split, log)
     store = _feature_store(prepared.captions, paths["features"], encoder, weights, pooling, log)
@@ -226,6 +243,10 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
         metrics["self_critical"] = _self_critical_phase(model, prepared, store, (train_splits, val_splits),
                                                         settings, epochs, seed, log)
     metrics["validation_captions"] = _distinct_captions(model, prepared.vocab, val_arrays, settings, log)
+    if worker is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+        log(f"worker {worker} done; the chief writes the bundle to {out_dir}")
+        return out_dir
     save_bundle(staging, model, prepared.vocab, bundle_settings(
         arch, dataset, store, settings, metrics, preset=preset, seed=seed,
         train_splits=list(train_splits), validation_splits=list(val_splits)))

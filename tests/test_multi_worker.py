@@ -1,0 +1,105 @@
+"""More than one machine, with TensorFlow's own engine: `train --distribute multi-worker`.
+
+Two worker processes on 127.0.0.1, each told its place by TF_CONFIG, train one model
+(tf.distribute.MultiWorkerMirroredStrategy: every step's gradients are summed over the
+workers). Worker 0 is the chief and writes the bundle; the other works in a scratch folder
+of its own that it removes. A worker killed mid-run is brought back as TensorFlow expects,
+with its peers: all of them start again, and they resume from their last finished epoch.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_cli
+from test_faults import tiny_flickr8k
+
+pytestmark = pytest.mark.slow
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for probe in sockets:
+        probe.bind(("127.0.0.1", 0))
+    ports = [probe.getsockname()[1] for probe in sockets]
+    for probe in sockets:
+        probe.close()
+    return ports
+
+
+def start_workers(arguments, ports):
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    workers = []
+    for index in range(len(ports)):
+        environment = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1",
+                           TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        workers.append(subprocess.Popen([sys.executable, "-m", "captioning", *map(str, arguments)], cwd=REPO,
+                                        env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return workers
+
+
+@pytest.fixture(scope="module")
+def cluster_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    data_dir, work = tiny_flickr8k(root / "flickr8k"), root / "work"
+    # Both workers of a machine would share this cache: fill it once first.
+    run_cli("features", "--dataset", "flickr8k", "--data-dir", data_dir, "--encoder", "mobilenet_v2",
+            "--weights", "none", "--out", work / "features" / "flickr8k-mobilenet_v2-avg")
+    return data_dir, work
+
+
+def train_arguments(data_dir, work, out, epochs):
+    return ["train", "--dataset", "flickr8k", "--data-dir", data_dir, "--encoder", "mobilenet_v2", "--weights",
+            "none", "--cache-dir", work, "--out", out, "--epochs", epochs, "--self-critical-epochs", 0, "--seed", 1]
+
+
+def final_val_loss(bundle):
+    return json.loads((bundle / "bundle.json").read_text())["metrics"]["val_loss"]
+
+
+def test_two_workers_train_one_bundle_like_one_worker(cluster_data, tmp_path):
+    data_dir, work = cluster_data
+    out = tmp_path / "bundle"
+    workers = start_workers([*train_arguments(data_dir, work, out, 3), "--distribute", "multi-worker"], free_ports(2))
+    logs = [worker.communicate(timeout=900)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "worker worker-1 done" in logs[1] and f"bundle written to {out}" in logs[0]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bundle"]  # the worker's scratch folder is gone
+
+    alone = run_cli(*train_arguments(data_dir, work, tmp_path / "alone", 3))
+    assert alone.returncode == 0
+    together, single = final_val_loss(out), final_val_loss(tmp_path / "alone")
+    assert abs(together - single) < 0.15 * single, (together, single)
+
+
+def test_a_killed_worker_and_its_peer_restart_and_resume(cluster_data, tmp_path):
+    data_dir, work = cluster_data
+    out = tmp_path / "bundle"
+    arguments = [*train_arguments(data_dir, work, out, 4), "--distribute", "multi-worker"]
+    ports = free_ports(2)
+    workers = start_workers(arguments, ports)
+    for line in workers[1].stdout:
+        if line.startswith("Epoch 3/4"):  # two epochs are finished and backed up
+            workers[1].send_signal(signal.SIGKILL)
+            break
+    workers[1].wait(timeout=60)
+    # Its peer cannot go on alone: it fails, or waits for the dead worker; either way it is stopped.
+    deadline = time.time() + 60
+    while workers[0].poll() is None and time.time() < deadline:
+        time.sleep(1)
+    if workers[0].poll() is None:
+        workers[0].send_signal(signal.SIGKILL)
+    workers[0].communicate(timeout=60)
+    assert not (out / "bundle.json").exists()
+
+    again = start_workers(arguments, free_ports(2))
+    logs = [worker.communicate(timeout=900)[0] for worker in again]
+    assert [worker.returncode for worker in again] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "Epoch 1/4" not in logs[0] and "Epoch 4/4" in logs[0]  # resumed from the backup
+    assert json.loads((out / "bundle.json").read_text())["metrics"]["epochs_run"] == 4
