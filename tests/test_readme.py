@@ -26,6 +26,8 @@ import re
 import shlex
 import socket
 import subprocess
+import sys
+import sysconfig
 import time
 import zipfile
 from pathlib import Path
@@ -69,6 +71,7 @@ def test_every_block_has_a_runner():
     runners = ("make demo   #", "make demo DATASET=flickr8k", "python -m captioning prepare")
     for block in readme_blocks():
         assert block[0].startswith(runners), f"README block {block[0]!r} is run by no test in tests/test_readme.py"
+    assert [block[0] for block in readme_blocks("python")] == ["import tensorflow as tf"]  # run with the CLI block
 
 
 # --- executed notebooks -------------------------------------------------------------------
@@ -230,3 +233,17 @@ def test_command_line_block_prepares_caches_trains_captions_and_evaluates(flickr
     assert (tmp_path / "bundles" / "merge" / "eval-dev" / "captions.json").is_file()
     # train reused what prepare and features made: one feature cache, in the README's folder.
     assert [path.name for path in (tmp_path / "data" / "work" / "features").iterdir()] == ["flickr8k-mobilenet_v2-avg"]
+
+    # Serving: the export command the README names, then its Python block in a Python that has
+    # TensorFlow but not this package (-I ignores PYTHONPATH and the current folder, -S the
+    # editable install's .pth file; site-packages is added back for TensorFlow alone).
+    export = re.search(r"`(python -m captioning export [^`]+)`", (REPO / "README.md").read_text()).group(1)
+    ok(shell(export, tmp_path))
+    (tmp_path / "photo.jpg").write_bytes((tmp_path / "photo1.jpg").read_bytes())
+    [block] = readme_blocks("python")
+    setup = f"import sys; sys.path.append({sysconfig.get_paths()['purelib']!r})\n"
+    isolation = "try:\n    import captioning\n    sys.exit('captioning is importable')\nexcept ModuleNotFoundError:\n    pass\n"
+    served = subprocess.run([sys.executable, "-I", "-S", "-c", setup + isolation + "\n".join(block)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert served.returncode == 0, served.stderr[-3000:]
+    assert served.stdout.strip() == lines[0][1]  # photo.jpg is photo1.jpg: the caption `caption` printed
