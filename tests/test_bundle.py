@@ -194,3 +194,24 @@ def test_the_bundles_decoding_settings_are_used_and_can_be_overridden(trained, t
     features = np.zeros((2, FEATURE_DIM), dtype="float32")
     assert captioner.caption_features(features, beam_width=3) == ["dog car", "dog car"]
     assert captioner.caption_features(features, beam_width=3, no_repeat_ngram=0) == ["dog dog", "dog dog"]
+
+
+def test_a_trained_model_does_not_ring_the_same_caption_alarm_and_a_blind_one_does(trained):
+    from captioning.evaluation import same_caption_warning
+    from captioning.training import fit_captioner, make_dataset
+    from test_training import synthetic_data, tiny_model
+    model, vocab = trained
+    features, _ = synthetic_captions(40, seed=11)
+    seeing = Captioner(model, vocab, SETTINGS)
+    assert same_caption_warning(seeing.caption_features(features)) is None
+    # The same captions, with features that are all alike (as from random encoder weights):
+    # nothing tells the photos apart, so the model learns one caption for all.
+    _, _, captions = synthetic_data(vocab, 240, seed=1)
+    blind_data = make_dataset(np.ones((1, FEATURE_DIM), "float32"), np.zeros(240, "int64"), vocab.encode_batch(captions),
+                              batch_size=32, seed=0)
+    keras.utils.set_random_seed(0)
+    blind_model = tiny_model("merge", vocab)
+    fit_captioner(blind_model, blind_data, epochs=10, learning_rate=1e-2, patience=10, verbose=0)
+    alike = 1 + np.random.default_rng(0).normal(0, 1e-3, size=(40, FEATURE_DIM)).astype("float32")
+    warning = same_caption_warning(Captioner(blind_model, vocab, SETTINGS).caption_features(alike))
+    assert warning is not None and "40 of 40 photos" in warning

@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from captioning import evaluation
-from captioning.evaluation import bleu_scores, bootstrap_intervals, coco_scores, diversity, results_table, tokenize
+from captioning.evaluation import (bleu_scores, bootstrap_intervals, coco_scores, diversity, results_table,
+                                  same_caption_warning, tokenize)
 from conftest import run_cli
 
 # Image "cat": the classic clipping example. Image "dog": a short hypothesis that
@@ -169,6 +170,16 @@ def test_mismatched_inputs_are_clear_errors():
         bleu_scores({"a": "x y"}, {"a": "x"})
     with pytest.raises(ValueError, match="no non-empty reference"):
         bleu_scores({"a": ["...", ""]}, {"a": "x"})
+
+
+def test_the_same_caption_alarm_rings_when_most_photos_get_one_caption():
+    warning = same_caption_warning(["A man is standing."] * 6 + ["a dog runs on the grass"])
+    assert warning.startswith("6 of 7 photos got the same caption ('a man is standing')")
+    for cause in ("features are almost the same", "too few epochs", "vocabulary too small", "learning rate"):
+        assert cause in warning
+    assert same_caption_warning(["a man is standing"] * 4 + ["a dog"] * 1) is None  # too few photos to tell
+    assert same_caption_warning(["a man is standing"] * 5 + [f"caption {i}" for i in range(5)]) is None  # half
+    assert same_caption_warning([]) is None
 
 
 def test_diversity_counts():
