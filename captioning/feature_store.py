@@ -4,26 +4,33 @@ Taught in notebooks 02 and 03. A finished cache folder holds
 
     features.npy    one float16 array (images, *feature_shape), rows in sorted id order
     ids.json        the image id of each row
+    sources.json    image id -> the file it was read from: {path, size, mtime_ns, sha256}
+                    (sha256 of the file's bytes), or {path, error} for one that could not be
+                    read; every image asked for is there, skipped ones too
     manifest.json   what made the features (encoder, weights_id, image_size, pooling,
                     dtype, feature_shape), how many, and which images were skipped and why
 
-manifest.json is written last, after the other two are complete: its presence
+manifest.json is written last, after the others are complete: its presence
 is what "this cache is finished" means. `FeatureStore` reads the array as a
 memory map: opening is instant, and the pages that training touches stay in
-the OS's cache. The job that fills the folder lives in features.py.
+the OS's cache. The job that fills the folder lives in features.py; it uses
+sources.json to encode again only the photos whose content changed.
 """
 
+import errno
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from captioning.fileio import atomic_path, read_json, write_json_atomic
+from captioning.fileio import atomic_path, printable, read_json, write_json_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sources.json (version 1 stores are read, and rebuilt when updated)
 DTYPE = "float16"  # half the disk and RAM of float32; far more precise than a captioner needs
 SETTINGS = ("encoder", "weights_id", "image_size", "pooling", "mirror", "dtype", "feature_shape")
+STORE_FILES = ("manifest.json", "features.npy", "ids.json", "sources.json")  # the commit marker first
 
 
 @dataclass
@@ -41,10 +48,11 @@ class CacheReport:
         return self.computed / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self):
-        lines = [f"cached {self.cached} images in {self.out_dir} "
+        lines = [f"cached {self.cached} images in {printable(self.out_dir)} "
                  f"({self.computed} encoded now in {self.seconds:.1f} s, {self.images_per_second:.1f} images/s)"]
         lines.append(f"skipped {len(self.skipped)} images" + (":" if self.skipped else ""))
-        lines += [f"  {image_id} ({path}): {reason}" for image_id, path, reason in self.skipped]
+        lines += [f"  {printable(image_id)} ({printable(path)}): {printable(reason)}"
+                  for image_id, path, reason in self.skipped]
         return "\n".join(lines)
 
 
@@ -134,28 +142,81 @@ def read_chunks(chunk_files):
     return ids, skipped
 
 
-def write_store(chunk_files, job, out_dir):
-    """Copy finished chunks, in order, into features.npy + ids.json, then commit manifest.json.
+def _reserve(handle, size):
+    """Make `handle`'s file `size` bytes long with every block allocated on disk.
 
-    Every byte written depends only on the chunks and the job description, so
-    the same chunks always give the same store (what resuming and merging rely on).
+    features.npy is written through a memory map, and a memory map writes to
+    disk whenever the OS pleases: on a full disk that is a SIGBUS, which kills
+    the process without a word. Allocating first turns a full disk into an
+    OSError (ENOSPC) here, before a single row is copied.
+    """
+    try:
+        os.posix_fallocate(handle.fileno(), 0, size)
+        return
+    except AttributeError:  # macOS and Windows have no posix_fallocate
+        pass
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system without it (ZFS)
+            raise
+    handle.seek(0, os.SEEK_END)
+    block = bytes(1 << 20)
+    while handle.tell() < size:  # zeros written by hand reserve the blocks as well
+        handle.write(block[:size - handle.tell()])
+    handle.flush()
+
+
+def _create_array(path, shape):
+    """features.npy of zeros, its space reserved on disk, memory-mapped for writing."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(DTYPE)), "fortran_order": False, "shape": shape}
+    with open(path, "r+b") as handle:
+        np.lib.format.write_array_header_1_0(handle, header)  # the header np.save would write
+        offset = handle.tell()
+        _reserve(handle, offset + int(np.prod(shape)) * np.dtype(DTYPE).itemsize)
+    return np.memmap(path, dtype=DTYPE, mode="r+", offset=offset, shape=shape)
+
+
+def _copy_rows(base_dir, ids, array, position):
+    """Copy the rows of `ids` from the finished store in `base_dir` to their places in `array`."""
+    base_manifest = read_json(base_dir / "manifest.json", "feature cache manifest")
+    base_row = {image_id: row for row, image_id in enumerate(read_json(base_dir / base_manifest["ids_file"]))}
+    base = np.load(base_dir / base_manifest["features_file"], mmap_mode="r", allow_pickle=False)
+    source = np.array([base_row[image_id] for image_id in ids], dtype=np.int64)
+    target = np.array([position[image_id] for image_id in ids], dtype=np.int64)
+    for start in range(0, len(ids), 1024):  # a block at a time: memory stays small however big the store
+        array[target[start:start + 1024]] = base[source[start:start + 1024]]
+
+
+def write_store(chunk_files, job, out_dir, sources, reuse=None):
+    """Copy finished chunks (and the rows `reuse` keeps from an earlier store) into
+    features.npy + ids.json + sources.json, then commit manifest.json.
+
+    `sources`: sources.json's content. `reuse`: (folder of an earlier finished
+    store, the ids whose rows to copy from it, the skipped entries to keep).
+    Every byte written depends only on these and the job description, so the
+    same inputs always give the same store (what resuming and merging rely on).
     """
     out_dir = Path(out_dir)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # from here on the store reads as unfinished
-    ids, skipped = read_chunks(chunk_files)
+    base_dir, kept_ids, kept_skipped = reuse or (None, [], [])
+    new_ids, skipped = read_chunks(chunk_files)
+    ids = sorted(kept_ids + new_ids)
+    skipped = sorted(kept_skipped + skipped, key=lambda entry: entry["image_id"])
+    position = {image_id: row for row, image_id in enumerate(ids)}
     with atomic_path(out_dir / "features.npy") as temp:
-        array = np.lib.format.open_memmap(temp, mode="w+", dtype=DTYPE, shape=(len(ids), *job["feature_shape"]))
-        row = 0
+        array = _create_array(temp, (len(ids), *job["feature_shape"]))
+        if kept_ids:
+            _copy_rows(Path(base_dir), kept_ids, array, position)
         for chunk in chunk_files:  # one chunk in memory at a time, however big the dataset
             with np.load(chunk, allow_pickle=False) as data:
-                values = data["features"]
-                array[row:row + len(values)] = values
-                row += len(values)
+                rows = np.array([position[image_id] for image_id in data["ids"].tolist()], dtype=np.int64)
+                array[rows] = data["features"]
         array.flush()
         del array
     write_json_atomic(out_dir / "ids.json", ids)
-    manifest = {**job, "count": len(ids), "features_file": "features.npy", "ids_file": "ids.json",
-                "skipped": skipped}
+    write_json_atomic(out_dir / "sources.json", sources)
+    manifest = {key: value for key, value in job.items() if key != "work"}
+    manifest.update({"count": len(ids), "features_file": "features.npy", "ids_file": "ids.json",
+                     "sources_file": "sources.json", "skipped": skipped})
     write_json_atomic(out_dir / "manifest.json", manifest)
     shutil.rmtree(out_dir / "partial", ignore_errors=True)
     return CacheReport(out_dir, len(ids), as_tuples(skipped))

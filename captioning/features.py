@@ -3,42 +3,60 @@
 Taught in notebook 02 (02_feature_caching.ipynb). Encoding 120,000 COCO
 photos takes hours on a CPU, so we do it once and never lose the work:
 
-* Image ids are sorted and cut into fixed-size chunks. Each chunk is encoded
-  in the same batches every time and written to `partial/chunk-NNNNNN.npz`
-  through a temporary file and a rename: a chunk file is complete or absent.
-  A job killed at any moment (even SIGKILL) and run again skips the finished
-  chunks and recomputes the others exactly as an uninterrupted run would.
+* A cache is keyed on content. For every image it records the file's size,
+  mtime and sha256 (sources.json). A run stats every image, hashes again only
+  those whose size or mtime moved, and encodes only the photos whose content
+  changed or that are new; the rows of the others are copied from the store
+  as it was. Images no longer asked for are dropped: a cache holds exactly
+  what it was last asked. A photo replaced at the same path is never served
+  with its old features, and the run says so in one line.
+* The images to encode are sorted by id and cut into chunks of a few batches
+  (128 photos at batch 32). Each chunk is encoded in the same batches every
+  time and written to `partial/chunk-NNNNNN.npz` through a temporary file and
+  a rename: a chunk file is complete or absent. A job killed at any moment
+  (even SIGKILL) and run again skips the finished chunks and recomputes the
+  others exactly as an uninterrupted run would, losing at most one chunk.
   Why so strict? A CNN's float results depend slightly on the batch they were
   computed in (other kernels for other batch sizes), so "the same features"
   are only bit-identical if the whole batch is the same.
 * The batch and chunk sizes of an unfinished job are kept in
   `partial/job.json`; a resumed run uses them whatever it is asked, so that
-  it ends with the very bytes an uninterrupted run would have written.
-* When every chunk exists they are copied into one float16 array, and the
-  manifest is written last (feature_store.py): the store is then complete.
-* A finished store made with other settings (encoder, weights, size, pooling)
-  is refused with a clear error, never reused or overwritten: delete it or
-  pick another folder. A finished store of the same settings but other images
-  is rebuilt for the new images: a cache holds exactly what it was last asked.
-* Scale-out: `shard=(i, n)` encodes chunks i, i+n, i+2n, ... into its own
-  folder; `merge_shards` assembles the chunks of all n folders into a store
-  byte-identical to an unsharded run.
+  it ends with the very bytes an uninterrupted run would have written. While
+  a store is being updated its previous files wait in `partial/base/`.
+* When every chunk exists they are copied, with the rows kept, into one
+  float16 array whose space is reserved first (a full disk is an error that
+  names the file, not a crash), and the manifest is written last
+  (feature_store.py): the store is then complete.
+* A finished store made with other settings (encoder, weights, size, pooling,
+  mirroring) is refused with a clear error, never reused or overwritten:
+  delete it or pick another folder.
+* Scale-out: `shard=(i, n)` encodes chunks i, i+n, i+2n, ... of all the
+  images into its own folder; `merge_shards` assembles the chunks of all n
+  folders into a store byte-identical to an unsharded run from scratch.
 
 Bad images are skipped, and each is named with its reason in the report and
-in the manifest. A rerun does not retry them (they are part of the chunks).
+in the manifest. A rerun retries one only if its file changed.
 """
 
 import contextlib
 import hashlib
+import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from captioning.feature_store import (DTYPE, FORMAT_VERSION, SETTINGS, CacheReport, FeatureStore,  # noqa: F401
-                                      as_tuples, check_settings, read_chunks, write_store)
-from captioning.fileio import atomic_path, read_json, write_json_atomic
+from captioning.feature_store import (DTYPE, FORMAT_VERSION, SETTINGS, STORE_FILES, CacheReport,
+                                      FeatureStore, as_tuples, check_settings, read_chunks, write_store)
+from captioning.fileio import atomic_path, printable, read_json, write_json_atomic
+
+__all__ = ["CacheReport", "FeatureStore", "cache_features", "merge_shards"]
+
+CHUNK_BATCHES = 4  # batches per chunk: what a killed job can lose at most
+CHUNK_BYTES = 32 << 20  # and at most about this much float16 per chunk (grids are big)
+RACY_NS = 2_000_000_000  # mtimes this close to the moment they were recorded are not trusted
 
 
 def _image_table(images):
@@ -52,32 +70,101 @@ def _image_table(images):
         pairs = zip(images["image_id"], images["image_path"])
     table = {}
     for image_id, path in pairs:
-        image_id, path = str(image_id), str(path)
+        # A name in bytes (any name on disk) becomes the str that os.listdir would give.
+        image_id, path = str(image_id), os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path)
         if table.setdefault(image_id, path) != path:
-            raise ValueError(f"image id {image_id!r} has two paths: {table[image_id]} and {path}")
+            raise ValueError(f"image id {printable(image_id)!r} has two paths: {printable(table[image_id])} "
+                             f"and {printable(path)}")
     if not table:
         raise ValueError("no images to cache")
     return sorted(table.items())
 
 
-def _make_job(settings, entries, batch_size, chunk_size):
-    """Everything that determines the bytes of the finished store."""
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _known_records(*files):
+    """image id -> (record, trusted) from earlier sources files, later files first.
+
+    A record's size and mtime vouch for its sha256 only if that mtime is
+    older than the moment the record was written by RACY_NS: a file rewritten
+    within the same tick of a coarse clock (1 or 2 s on some file systems)
+    keeps its mtime, so a recent one is hashed again to be sure.
+    """
+    known = {}
+    for path in files:
+        if path is not None and path.is_file():
+            written_ns = path.stat().st_mtime_ns
+            for image_id, record in read_json(path, "feature cache sources").items():
+                trusted = record.get("mtime_ns") is not None and record["mtime_ns"] < written_ns - RACY_NS
+                known.setdefault(image_id, (record, trusted))
+    return known
+
+
+def _fingerprints(entries, known):
+    """(image id -> {path, size, mtime_ns, sha256} or {path, error} for a file that cannot be
+    read, how many files were hashed).
+
+    Stats every file, hashes only those whose path, size or mtime moved since
+    `known` recorded them. Never opens anything but a regular file.
+    """
+    from captioning import images as image_io
+
+    records, hashed = {}, 0
+    for image_id, path in entries:
+        info, reason = image_io.stat_photo(path)
+        if reason:
+            records[image_id] = {"path": path, "error": reason}
+            continue
+        record = {"path": path, "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+        old, trusted = known.get(image_id, ({}, False))
+        if trusted and "sha256" in old and all(old.get(key) == value for key, value in record.items()):
+            records[image_id] = {**record, "sha256": old["sha256"]}
+            continue
+        hashed += 1
+        try:
+            records[image_id] = {**record, "sha256": _sha256(path)}
+        except OSError as error:
+            records[image_id] = {"path": path, "error": f"cannot read: {error.strerror}"}
+    return records, hashed
+
+
+def _content(record):
+    """What a record says about the file's content: its hash, or why it has none."""
+    return record.get("sha256") or record.get("error")
+
+
+def _digest(lines):
+    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _chunk_size(settings, batch_size, chunk_size):
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     if chunk_size is None:
-        # About 32 MB of float16 per chunk: 1024 pooled vectors, fewer grids.
-        bytes_per_image = 2 * int(np.prod(settings["feature_shape"]))
-        chunk_size = max(batch_size, min(1024, (32 << 20) // bytes_per_image))
-    elif chunk_size < 1:
+        # A few whole batches: a multiple of the batch size keeps every batch of a chunk full.
+        bytes_per_batch = 2 * int(np.prod(settings["feature_shape"])) * batch_size
+        return batch_size * max(1, min(CHUNK_BATCHES, CHUNK_BYTES // bytes_per_batch))
+    if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
-    listing = "\n".join(f"{image_id}\t{path}" for image_id, path in entries).encode()
+    return chunk_size
+
+
+def _make_job(settings, entries, batch_size, chunk_size, work):
+    """Everything that determines the bytes of the finished store. `work` says what
+    this run encodes (and from which earlier store it copies the rest)."""
     return {"format": FORMAT_VERSION, **settings, "dtype": DTYPE, "images": len(entries),
-            "images_sha256": hashlib.sha256(listing).hexdigest(), "batch_size": batch_size, "chunk_size": chunk_size}
+            "batch_size": batch_size, "chunk_size": chunk_size, "work": work}
 
 
 def _same_work(a, b):
     """Same images and settings (batch and chunk size aside)."""
-    return all(a.get(key) == b.get(key) for key in ("format", *SETTINGS, "images", "images_sha256"))
+    return all(a.get(key) == b.get(key) for key in ("format", *SETTINGS, "images", "work"))
 
 
 @contextlib.contextmanager
@@ -129,24 +216,127 @@ def _encode_chunk(encoder, entries, job, chunk_file, progress_bar):
     return int(ok.sum())
 
 
-def _finished(out_dir, job, shard):
-    """The report of a finished store (or shard) of this very work; None if there is work to do."""
-    marker = out_dir / ("manifest.json" if shard is None else "shard.json")
-    if not marker.is_file():
-        return None
-    found = read_json(marker, "feature cache manifest")
-    check_settings(found, job, out_dir)
-    if not _same_work(found, job) or found.get("shard") != shard:
+@dataclass
+class _Plan:
+    """What a run has to do: encode `todo`, copy `reuse` from an earlier store, or nothing (`report`)."""
+
+    records: dict  # sources.json of the finished store
+    todo: list = None  # [(id, path)] to encode, sorted
+    work: dict = None  # the job's "work": identifies todo and the earlier store
+    reuse: tuple = None  # (store folder, ids whose rows to keep, skipped entries to keep)
+    report: CacheReport = None  # the store is finished and up to date
+
+
+def _plural(count, word):
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _stash(out_dir):
+    """Move a finished store's files into partial/base (the manifest first, so that the folder
+    reads as unfinished at once), where they wait until the updated store is committed.
+    Run again after a kill it moves what is left; it never moves a file over one already there."""
+    base = out_dir / "partial" / "base"
+    base.mkdir(parents=True, exist_ok=True)
+    for name in STORE_FILES:
+        if (out_dir / name).exists() and not (base / name).exists():
+            os.replace(out_dir / name, base / name)
+    return base
+
+
+def _plan_update(out_dir, entries, settings):
+    """Compare the images asked for with the store in `out_dir` (or the one an unfinished
+    update of it put aside): which rows can be kept, which photos must be encoded."""
+    base_dir = None
+    if (out_dir / "manifest.json").is_file():
+        base_dir = out_dir
+    elif (out_dir / "partial" / "base" / "manifest.json").is_file():
+        base_dir = _stash(out_dir)  # an update is under way (and its stash may have been cut short)
+    base, base_ids, base_sources = None, [], {}
+    if base_dir is not None:
+        base = read_json(base_dir / "manifest.json", "feature cache manifest")
+        check_settings(base, settings, out_dir)
+        if base.get("format") == FORMAT_VERSION:
+            base_ids = read_json(base_dir / base["ids_file"], "feature cache index")
+            base_sources = read_json(base_dir / base["sources_file"], "feature cache sources")
+        else:
+            print(f"feature cache {printable(out_dir)} was made by an older version that did not record the "
+                  f"photos' content: encoding all {len(entries)} again")
+            (base_dir / "manifest.json").unlink()  # it is rebuilt from scratch, so it must not be read meanwhile
+            base = base_dir = None
+    sources_file = base_dir / base["sources_file"] if base else None
+    known = _known_records(out_dir / "partial" / "sources.json", sources_file)
+    records, hashed = _fingerprints(entries, known)
+
+    kept_rows, kept_skipped, todo, changed = [], [], [], []
+    rows = set(base_ids)
+    skipped = {entry["image_id"]: entry for entry in base["skipped"]} if base else {}
+    for image_id, path in entries:
+        old = base_sources.get(image_id)
+        if old is not None and _content(old) == _content(records[image_id]):
+            if image_id in rows:
+                kept_rows.append(image_id)
+                continue
+            if image_id in skipped:
+                kept_skipped.append({**skipped[image_id], "path": path})
+                continue
+        todo.append((image_id, path))
+        if old is not None:
+            changed.append(path)
+    dropped = len(base_sources.keys() - dict(entries).keys())
+
+    if base_dir == out_dir and not todo and not dropped:  # up to date
+        shutil.rmtree(out_dir / "partial", ignore_errors=True)  # left over if killed right after a commit
+        if records != base_sources or hashed:
+            write_json_atomic(sources_file, records)  # new mtimes, moved files: no need to hash them again
+        if kept_skipped != base["skipped"]:
+            write_json_atomic(out_dir / "manifest.json", {**base, "skipped": kept_skipped})
+        return _Plan(records, report=CacheReport(out_dir, len(base_ids), as_tuples(kept_skipped)))
+    if base is not None:
+        news = len(todo) - len(changed)
+        parts = [f"{_plural(len(changed), 'photo')} changed since they were cached (e.g. {printable(changed[0])})"
+                 ] if changed else []
+        parts += [f"{news} new"] if news else []
+        parts += [f"{dropped} no longer asked for"] if dropped else []
+        if parts:
+            print(f"feature cache {printable(out_dir)}: {', '.join(parts)}: encoding {len(todo)}, "
+                  f"keeping {len(kept_rows) + len(kept_skipped)}")
+    if base_dir == out_dir:
+        shutil.rmtree(out_dir / "partial", ignore_errors=True)
+        base_dir = _stash(out_dir)
+    lines = [f"{image_id}\t{path}\t{_content(records[image_id])}" for image_id, path in todo]
+    work = {"encode": len(todo), "sha256": _digest(lines), "base": _base_id(base_dir) if base else None}
+    reuse = (base_dir, kept_rows, kept_skipped) if base else None
+    return _Plan(records, todo, work, reuse)
+
+
+def _base_id(base_dir):
+    with open(base_dir / "manifest.json", "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def _plan_shard(out_dir, entries, settings, shard):
+    """A shard encodes its share of all the images, from scratch (no earlier store is reused)."""
+    marker, sources_file = out_dir / "shard.json", out_dir / "partial" / "sources.json"
+    records, hashed = _fingerprints(entries, _known_records(sources_file))
+    lines = [f"{image_id}\t{path}\t{_content(records[image_id])}" for image_id, path in entries]
+    work = {"encode": len(entries), "sha256": _digest(lines), "base": None, "shard": shard}
+    if marker.is_file():
+        found = read_json(marker, "finished shard marker")
+        check_settings(found, settings, out_dir)
+        if found.get("format") == FORMAT_VERSION and found.get("work") == work:
+            if records != found["sources"]:
+                write_json_atomic(marker, {**found, "sources": records})
+            if hashed:
+                write_json_atomic(sources_file, records)  # no need to hash them again
+            return _Plan(records, report=CacheReport(out_dir, found["count"], as_tuples(found["skipped"])))
         marker.unlink()  # same settings, other images: build again for these
-        return None
-    if shard is None:
-        shutil.rmtree(out_dir / "partial", ignore_errors=True)  # left over if killed right after the commit
-    return CacheReport(out_dir, found["count"], as_tuples(found["skipped"]))
+    return _Plan(records, entries, work)
 
 
-def _resume(out_dir, job):
+def _resume(out_dir, job, records):
     """The unfinished job of the same work if there is one (with its batch/chunk sizes), else a fresh one."""
-    job_file = out_dir / "partial" / "job.json"
+    partial = out_dir / "partial"
+    job_file = partial / "job.json"
     if job_file.is_file():
         previous = read_json(job_file, "unfinished feature job")
         if _same_work(previous, job):
@@ -154,8 +344,11 @@ def _resume(out_dir, job):
                 print(f"resuming with the unfinished job's batch size {previous['batch_size']} and chunk size "
                       f"{previous['chunk_size']}, so that the result is identical to an uninterrupted run")
             return previous
-        print(f"discarding unfinished chunks in {job_file.parent}: they were made for other images or settings")
-    shutil.rmtree(out_dir / "partial", ignore_errors=True)
+        print(f"discarding unfinished chunks in {printable(partial)}: they were made for other images or settings")
+    for path in partial.glob("*"):
+        if path.name != "base":  # the store being updated stays
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    write_json_atomic(partial / "sources.json", records)  # so that a resumed run need not hash again
     write_json_atomic(job_file, job)
     return job
 
@@ -175,12 +368,15 @@ def _encoder_settings(encoder, weights, pooling, mirror):
 
 def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet", pooling="avg", mirror=True,
                    batch_size=32, shard=None, progress=True, chunk_size=None):
-    """Encode every image once into the store at `out_dir`, resuming whatever is already there.
+    """Encode every image once into the store at `out_dir`, keeping whatever is already there
+    for photos that did not change, and resuming an unfinished run.
 
     `images`: a DataFrame with image_id/image_path columns or a dict id -> path.
     `encoder`: a name (built with `weights`, `pooling` and `mirror`) or an Encoder already built.
     `shard=(i, n)`: only this machine's share, to be combined with merge_shards.
-    Returns a CacheReport; read the store with FeatureStore.open(out_dir). Taught in notebook 02.
+    `chunk_size`: images per checkpoint (default: 4 batches; keep it a multiple of batch_size).
+    Returns a CacheReport (`computed`: how many photos this call encoded); read the store with
+    FeatureStore.open(out_dir). Taught in notebook 02.
     """
     from tqdm.auto import tqdm
 
@@ -192,17 +388,20 @@ def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet
         if not 0 <= shard[0] < shard[1]:
             raise ValueError(f"shard must be (i, n) with 0 <= i < n, not {tuple(shard)}")
     settings, built = _encoder_settings(encoder, weights, pooling, mirror)
+    chunk_size = _chunk_size(settings, batch_size, chunk_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _lock(out_dir):
         _remove_temporary_files(out_dir)
-        job = _make_job(settings, entries, batch_size, chunk_size)
-        report = _finished(out_dir, job, shard)
-        if report is not None:
-            return report
-        job = _resume(out_dir, job)
+        if shard is None:
+            plan = _plan_update(out_dir, entries, settings)
+        else:
+            plan = _plan_shard(out_dir, entries, settings, shard)
+        if plan.report is not None:
+            return plan.report
+        job = _resume(out_dir, _make_job(settings, entries, batch_size, chunk_size, plan.work), plan.records)
         size = job["chunk_size"]
-        chunks = {number: entries[start:start + size] for number, start in enumerate(range(0, len(entries), size))
+        chunks = {number: plan.todo[start:start + size] for number, start in enumerate(range(0, len(plan.todo), size))
                   if shard is None or number % shard[1] == shard[0]}
         todo = [number for number in chunks if not _chunk_path(out_dir, number).is_file()]
         total = sum(len(chunk) for chunk in chunks.values())
@@ -216,10 +415,11 @@ def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet
         seconds = time.perf_counter() - start
         chunk_files = [_chunk_path(out_dir, number) for number in chunks]
         if shard is None:
-            report = write_store(chunk_files, job, out_dir)
+            report = write_store(chunk_files, job, out_dir, plan.records, plan.reuse)
         else:
             ids, skipped = read_chunks(chunk_files)
-            write_json_atomic(out_dir / "shard.json", {**job, "shard": shard, "count": len(ids), "skipped": skipped})
+            write_json_atomic(out_dir / "shard.json", {**job, "count": len(ids), "skipped": skipped,
+                                                       "sources": plan.records})
             report = CacheReport(out_dir, len(ids), as_tuples(skipped))
     report.computed, report.seconds = computed, seconds
     return report
@@ -234,23 +434,28 @@ def merge_shards(shard_dirs, out_dir):
     if not shards:
         raise ValueError("merge_shards needs at least one shard folder")
     first = shards[0][1]
+
+    def same(marker):  # the same job but for the shard index
+        return all(marker.get(key) == first.get(key) for key in ("format", *SETTINGS, "images", "batch_size",
+                                                                  "chunk_size")) and \
+            {**marker["work"], "shard": None} == {**first["work"], "shard": None}
+
     for folder, marker in shards:
-        if not _same_work(marker, first) or (marker["batch_size"], marker["chunk_size"]) != \
-                (first["batch_size"], first["chunk_size"]):
+        if not same(marker):
             raise ValueError(f"{folder}: this shard was made with other images or settings than {shards[0][0]}")
-    count = first["shard"][1]
-    found = sorted(marker["shard"][0] for _, marker in shards)
+    count = first["work"]["shard"][1]
+    found = sorted(marker["work"]["shard"][0] for _, marker in shards)
     if found != list(range(count)):
         raise ValueError(f"need shards 0..{count - 1} of {count} exactly once, got {found}")
     out_dir = Path(out_dir)
     if any(out_dir.resolve() == folder.resolve() for folder, _ in shards):
         raise ValueError(f"merge into a new folder, not into the shard folder {out_dir}")
-    owner = {marker["shard"][0]: folder for folder, marker in shards}
-    job = {key: value for key, value in first.items() if key not in ("shard", "count", "skipped")}
+    owner = {marker["work"]["shard"][0]: folder for folder, marker in shards}
+    job = {key: value for key, value in first.items() if key not in ("count", "skipped", "sources")}
     chunk_files = [_chunk_path(owner[number % count], number)
-                   for number in range((job["images"] + job["chunk_size"] - 1) // job["chunk_size"])]
+                   for number in range((job["work"]["encode"] + job["chunk_size"] - 1) // job["chunk_size"])]
     out_dir.mkdir(parents=True, exist_ok=True)
     with _lock(out_dir):
         if (out_dir / "manifest.json").is_file():
             check_settings(read_json(out_dir / "manifest.json", "feature cache manifest"), job, out_dir)
-        return write_store(chunk_files, job, out_dir)
+        return write_store(chunk_files, job, out_dir, first["sources"])

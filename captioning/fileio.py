@@ -5,6 +5,8 @@ A learner's kernel can die at any moment (a restart, Ctrl-C, a full disk), so
 nothing in this project writes a final file in place: we write a temporary
 file beside it and rename it over the final name, which is atomic on POSIX and
 Windows. A reader therefore sees either the old file or the new one, never half.
+A write that fails (a full disk, a file-size limit) raises an OSError that
+names the final file, even where the operating system's error names none.
 """
 
 import contextlib
@@ -23,7 +25,10 @@ os.umask(_UMASK)
 def atomic_path(path, suffix=".tmp"):
     """Yield a temporary path beside `path`; rename it to `path` on success.
 
-    On an exception the temporary file is removed and `path` is untouched.
+    On an exception the temporary file is removed and `path` is untouched. An
+    OSError from write() or fsync() carries no file name ("[Errno 28] No space
+    left on device"), and one from the temporary file names a file the user
+    never asked for: both are raised again naming `path`.
     `suffix` is the temporary name's ending (Keras insists on ".keras").
     """
     path = Path(path)
@@ -36,9 +41,11 @@ def atomic_path(path, suffix=".tmp"):
     try:
         yield Path(temp_name)
         os.replace(temp_name, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp_name)
+        if isinstance(error, OSError) and error.filename in (None, temp_name) and error.errno is not None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
 
 
@@ -51,7 +58,33 @@ def write_text_atomic(path, text):
 
 
 def write_json_atomic(path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A file name made of arbitrary bytes (os.fsdecode) holds lone surrogates, which UTF-8
+        # cannot encode; JSON's own \u escapes can, and read_json gives the same string back.
+        text = json.dumps(obj, indent=2, ensure_ascii=True) + "\n"
+    write_text_atomic(path, text)
+
+
+def printable(name):
+    """A file name (or text quoting one) that any terminal and any UTF-8 file can take.
+
+    Names on disk are bytes; Python turns the bytes that are not UTF-8 into lone
+    surrogates (os.fsdecode), and printing those raises UnicodeEncodeError. We
+    show such bytes as \\xNN escapes instead; every other name is unchanged.
+    """
+    name = str(name)
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        pass
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no byte made: show its code point
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def read_json(path, what="JSON file"):

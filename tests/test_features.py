@@ -106,7 +106,9 @@ def test_stale_cache_is_refused_and_left_alone(photos, mobilenet, mobilenet_weig
     cache_features(few, tmp_path / "cache", encoder=mobilenet, batch_size=4, progress=False)
     before = folder_bytes(tmp_path / "cache")
     other_weights = tmp_path / "other.weights.h5"  # other bytes (a retrained or damaged file)
-    other_weights.write_bytes(mobilenet_weights.read_bytes()[:-1] + b"\x00")
+    data = bytearray(mobilenet_weights.read_bytes())
+    data[-1] ^= 0xFF  # (the file already ends in a zero byte: setting it to zero changed nothing)
+    other_weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="stale feature cache .*weights_id: cached 'sha256:"):
         cache_features(few, tmp_path / "cache", encoder="mobilenet_v2", weights=str(other_weights))
     with pytest.raises(ValueError, match="stale feature cache .*encoder: cached 'mobilenet_v2', asked 'inception_v3'"):
