@@ -42,18 +42,45 @@ class CacheReport:
     skipped: list = field(default_factory=list)  # (image_id, path, reason)
     computed: int = 0  # images encoded by this call (0 when everything was cached already)
     seconds: float = 0.0
+    spread: float = None  # how much the photos' features differ (feature_spread)
 
     @property
     def images_per_second(self):
         return self.computed / self.seconds if self.seconds > 0 else 0.0
 
+    def warning(self):
+        """None, or the alarm for features so alike that every photo will get the same caption."""
+        if self.spread is None or self.spread >= SPREAD_ALARM or self.cached < 2:
+            return None
+        return (f"the features of the {self.cached} photos are almost the same (spread {self.spread:.3f}; about 1 "
+                "is usual): every photo will get the same caption. Check the encoder's weights (WEIGHTS=none is "
+                "random) and that the photos differ")
+
     def summary(self):
         lines = [f"cached {self.cached} images in {printable(self.out_dir)} "
-                 f"({self.computed} encoded now in {self.seconds:.1f} s, {self.images_per_second:.1f} images/s)"]
+                 f"({self.computed} encoded now in {self.seconds:.1f} s, {self.images_per_second:.1f} images/s)"
+                 + (f"; feature spread {self.spread:.2f}" if self.spread is not None else "")]
         lines.append(f"skipped {len(self.skipped)} images" + (":" if self.skipped else ""))
         lines += [f"  {printable(image_id)} ({printable(path)}): {printable(reason)}"
                   for image_id, path, reason in self.skipped]
+        if self.warning():
+            lines.append(f"warning: {self.warning()}")
         return "\n".join(lines)
+
+
+SPREAD_ALARM = 0.05  # below this the photos' features are almost the same
+
+
+def feature_spread(features, sample=2000):
+    """How much photos' features differ (notebook 02): the mean over the feature's numbers of
+    their standard deviation across photos, relative to the numbers' mean size. About 1 for an
+    ImageNet CNN on real photos; near 0 when every photo gives the same vector (random encoder
+    weights, the wrong preprocessing, one photo copied), and then a captioner cannot tell the
+    photos apart and writes the same caption for all."""
+    rows = np.asarray(features[np.linspace(0, len(features) - 1, min(sample, len(features))).astype(int)],
+                      dtype=np.float32).reshape(min(sample, len(features)), -1)
+    size = float(np.abs(rows).mean())
+    return float(rows.std(axis=0).mean() / size) if size > 0 else 0.0
 
 
 class FeatureStore:

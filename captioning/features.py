@@ -48,8 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.feature_store import (DTYPE, FORMAT_VERSION, SETTINGS, STORE_FILES, CacheReport,
-                                      FeatureStore, as_tuples, check_settings, read_chunks, write_store)
+from captioning.feature_store import (DTYPE, FORMAT_VERSION, SETTINGS, STORE_FILES, CacheReport,  # noqa: F401
+                                      FeatureStore, as_tuples, check_settings, feature_spread, read_chunks,
+                                      write_store)
 from captioning.fileio import atomic_path, printable, read_json, write_json_atomic
 
 __all__ = ["CacheReport", "FeatureStore", "cache_features", "merge_shards"]
@@ -398,7 +399,7 @@ def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet
         else:
             plan = _plan_shard(out_dir, entries, settings, shard)
         if plan.report is not None:
-            return plan.report
+            return _with_spread(plan.report) if shard is None else plan.report
         job = _resume(out_dir, _make_job(settings, entries, batch_size, chunk_size, plan.work), plan.records)
         size = job["chunk_size"]
         chunks = {number: plan.todo[start:start + size] for number, start in enumerate(range(0, len(plan.todo), size))
@@ -422,6 +423,13 @@ def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet
                                                        "sources": plan.records})
             report = CacheReport(out_dir, len(ids), as_tuples(skipped))
     report.computed, report.seconds = computed, seconds
+    return _with_spread(report) if shard is None else report
+
+
+def _with_spread(report):
+    """The report with the spread of the store's features: the "same caption" alarm, rung early."""
+    if report.cached:
+        report.spread = feature_spread(FeatureStore.open(report.out_dir)._features)
     return report
 
 

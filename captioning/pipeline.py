@@ -73,6 +73,8 @@ def _feature_store(images, features_dir, encoder, weights, pooling, log):
     if report.skipped:
         log(f"  {len(report.skipped)} unreadable image(s) skipped, e.g. {report.skipped[0][1]}: "
             f"{report.skipped[0][2]}")
+    if report.warning():
+        print(f"warning: {report.warning()}", file=sys.stderr)
     return FeatureStore.open(features_dir)
 
 

@@ -390,3 +390,18 @@ def test_a_file_size_limit_while_writing_the_features_is_an_error_naming_the_fil
                             progress=False)
     assert (report.computed, report.cached) == (0, 64)
     assert resource.getrlimit(resource.RLIMIT_FSIZE)[0] == resource.RLIM_INFINITY  # this process was never limited
+
+
+def test_photos_the_encoder_cannot_tell_apart_ring_the_same_caption_alarm(tiny, tmp_path):
+    # Distinct photos give features that differ...
+    distinct = cache_features(write_photos(tmp_path / "distinct", 8), tmp_path / "a", encoder=tiny, batch_size=4,
+                              progress=False)
+    assert distinct.spread > 0.1 and distinct.warning() is None and "warning" not in distinct.summary()
+    # ...one photo under eight names (or random encoder weights) gives features that do not.
+    one = write_photo(tmp_path / "one.jpg", 0)
+    same = cache_features({f"{i}": str(one) for i in range(8)}, tmp_path / "b", encoder=tiny, batch_size=4,
+                          progress=False)
+    assert same.spread < 0.01 and "almost the same" in same.warning() and "same caption" in same.summary()
+    # Said again when a finished cache is reused.
+    assert cache_features({f"{i}": str(one) for i in range(8)}, tmp_path / "b", encoder=tiny, batch_size=4,
+                          progress=False).warning() == same.warning()
