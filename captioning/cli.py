@@ -111,6 +111,11 @@ def build_parser():
                           help="cache only shard I of N (0-based), to spread the work over machines")
     features.set_defaults(handler=cmd_features)
 
+    merge = commands.add_parser("merge-shards", help="combine the folders of `features --shard I/N` into one cache")
+    merge.add_argument("shards", nargs="+", metavar="SHARD_DIR", help="the N shard folders, in any order")
+    merge.add_argument("--out", required=True, help="feature cache folder to write")
+    merge.set_defaults(handler=cmd_merge_shards)
+
     train = commands.add_parser("train", help="prepare, cache features and train a captioner")
     _add_dataset_arguments(train)
     _add_encoder_arguments(train)
@@ -225,7 +230,17 @@ def cmd_features(args):
                             batch_size=args.batch_size, shard=args.shard)
     print(report.summary())
     if args.shard is not None:
-        print(f"shard {args.shard[0]}/{args.shard[1]} done; combine all shards with captioning.features.merge_shards")
+        print(f"shard {args.shard[0]}/{args.shard[1]} done; when all are, combine them with "
+              "`python -m captioning merge-shards SHARD_DIR ... --out OUT`")
+    return 0
+
+
+def cmd_merge_shards(args):
+    from captioning.features import merge_shards
+    from captioning.fileio import writable_folder
+
+    writable_folder(args.out, "--out folder")
+    print(merge_shards(args.shards, args.out).summary())
     return 0
 
 
@@ -309,6 +324,7 @@ def cmd_export(args):
 KEPT = {
     "prepare": "nothing half-written (each file is complete or absent)",
     "features": "the finished chunks of the feature cache",
+    "merge-shards": "the shard folders, untouched",
     "train": "the teacher-forcing epochs finished so far, in OUT.partial/training",
     "caption": "nothing (caption writes no files)",
     "evaluate": "the feature cache; metrics.json and captions.json are written only when complete",

@@ -103,3 +103,22 @@ def test_a_killed_worker_and_its_peer_restart_and_resume(cluster_data, tmp_path)
     assert [worker.returncode for worker in again] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "Epoch 1/4" not in logs[0] and "Epoch 4/4" in logs[0]  # resumed from the backup
     assert json.loads((out / "bundle.json").read_text())["metrics"]["epochs_run"] == 4
+
+
+def test_features_cached_by_two_processes_merge_into_one_process_s_store(flickr8k_small_dir, mobilenet_weights,
+                                                                        tmp_path):
+    common = ["features", "--dataset", "flickr8k", "--data-dir", flickr8k_small_dir, "--encoder", "mobilenet_v2",
+              "--weights", mobilenet_weights, "--batch-size", 16]  # chunks of 64 photos: 3 for 130
+    run_cli(*common, "--out", tmp_path / "one")
+    shards = [subprocess.Popen([sys.executable, "-m", "captioning", *map(str, common), "--shard", f"{i}/2",
+                                "--out", str(tmp_path / f"shard{i}")], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [shard.communicate(timeout=900)[0] for shard in shards]
+    assert [shard.returncode for shard in shards] == [0, 0], outputs
+    merged = run_cli("merge-shards", tmp_path / "shard1", tmp_path / "shard0", "--out", tmp_path / "merged")
+    assert "cached 130 images" in merged.stdout
+    one, two = tmp_path / "one", tmp_path / "merged"
+    names = sorted(path.name for path in one.iterdir() if path.is_file())
+    assert names == sorted(path.name for path in two.iterdir() if path.is_file()) and "features.npy" in names
+    for name in names:  # the very same bytes
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
