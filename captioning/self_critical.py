@@ -25,10 +25,10 @@ instead (all of them start from the same teacher-forced model and move little,
 so their mean is a model of the same basin, smoother than any one of them:
 Izmailov et al. 2018, "Averaging weights leads to wider optima"). The mean is
 kept whatever its validation score, which is reported, not used to choose: on
-a hundred images a small drop is mostly noise, while fine-tuning raised CIDEr-D
-on held-out Flickr8k images in 15 of 17 runs. A large drop means the learning
-rate is too high; the log says so. Without averaging, the epoch with the best
-validation CIDEr-D (the starting weights included) is kept.
+a hundred images a small drop is mostly noise (docs/experiments.md has what
+fine-tuning and averaging did on held-out images). A large drop means the
+learning rate is too high; the log says so. Without averaging, the epoch with
+the best validation CIDEr-D (the starting weights included) is kept.
 """
 
 import collections
