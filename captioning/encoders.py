@@ -46,6 +46,7 @@ tf = quiet_tensorflow()
 import keras  # noqa: E402  (after quiet_tensorflow, on purpose)
 
 from captioning import images as image_io  # noqa: E402
+from captioning.fileio import sha256_of  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -101,11 +102,7 @@ def _file_id(path):
     """A weights file's identity: the start of its sha256. Its content, not its name: two
     different files called the same never share a feature cache, and the same file copied
     under another name is still the same weights."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()[:16]}"
+    return f"sha256:{sha256_of(path)[:16]}"
 
 
 def encoder_settings(name="inception_v3", weights="imagenet", pooling="avg", mirror=MIRROR):

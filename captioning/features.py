@@ -51,7 +51,7 @@ import numpy as np
 from captioning.feature_store import (DTYPE, FORMAT_VERSION, SETTINGS, STORE_FILES, CacheReport,  # noqa: F401
                                       FeatureStore, as_tuples, check_settings, feature_spread, read_chunks,
                                       write_store)
-from captioning.fileio import atomic_path, printable, read_json, write_json_atomic
+from captioning.fileio import atomic_path, printable, read_json, sha256_of, write_json_atomic
 
 __all__ = ["CacheReport", "FeatureStore", "cache_features", "merge_shards"]
 
@@ -79,14 +79,6 @@ def _image_table(images):
     if not table:
         raise ValueError("no images to cache")
     return sorted(table.items())
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _known_records(*files):
@@ -129,7 +121,7 @@ def _fingerprints(entries, known):
             continue
         hashed += 1
         try:
-            records[image_id] = {**record, "sha256": _sha256(path)}
+            records[image_id] = {**record, "sha256": sha256_of(path)}
         except OSError as error:
             records[image_id] = {"path": path, "error": f"cannot read: {error.strerror}"}
     return records, hashed
