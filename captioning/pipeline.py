@@ -27,7 +27,7 @@ from captioning.data import get_dataset, load_dataset, load_prepared, prepare  #
 from captioning.evaluation import bleu_scores, bootstrap_intervals, coco_scores_per_image, diversity  # noqa: E402
 from captioning.features import FeatureStore, cache_features  # noqa: E402
 from captioning.fileio import work_paths, write_json_atomic  # noqa: E402
-from captioning.training import MODEL_KEYS, fit_captioner, gather_features, make_dataset, preset_settings  # noqa: E402
+from captioning.training import MODEL_KEYS, fit_captioner, make_dataset, preset_settings  # noqa: E402
 
 # Captioning in chunks keeps beam search's working memory (chunk x beam x vocabulary
 # log-probabilities) small on a full 5,000-image COCO split.
@@ -70,11 +70,11 @@ def _feature_store(images, features_dir, encoder, weights, pooling, log):
 
 
 def caption_arrays(captions, splits, store, vocab):
-    """(features, rows, sequences) for make_dataset: the captions of `splits` whose
-    image is in the feature store, encoded with `vocab` (notebook 03)."""
+    """(store, rows, sequences) for make_dataset: the captions of `splits` whose image is in
+    the feature store, each with its image's row in the store, encoded with `vocab`
+    (notebook 03). The features stay on disk: make_dataset reads each batch's rows."""
     part = captions[captions["split"].isin(splits) & captions["image_id"].isin(set(store.ids))]
-    features, rows = gather_features(store, part["image_id"].tolist())
-    return features, rows, vocab.encode_batch(part["clean"].tolist())
+    return store, store.rows(part["image_id"]), vocab.encode_batch(part["clean"].tolist())
 
 
 def history_metrics(history, seconds=None):
