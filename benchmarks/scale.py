@@ -13,8 +13,9 @@ InceptionV3's shapes (one random block, repeated). Stages:
   prepare    captioning.data.prepare at 1/4 of COCO and at all of it
   pooled     what `train` does for merge before its first epoch, at 1/4 and all
              of COCO: load_prepared, caption_arrays over a pooled store (2048-d),
-             make_dataset; then timed training steps of the merge model with
-             the cpu-small preset's sizes -> steps/s and one epoch extrapolated
+             make_dataset; then, on all of COCO, timed training steps of the
+             merge model with the cpu-small preset's sizes (embedding and LSTM
+             256, batch 64) -> steps/s and one epoch extrapolated
   grid       the attention architecture's input pipeline over grid stores
              (8x8x2048) of N and 4N training images: caption_arrays,
              make_dataset, one whole epoch of batches, and a few training steps
@@ -31,7 +32,7 @@ machine it is about what an idle one's wall time would be. The last line is
 `name: value`: the grid pipeline's anonymous-memory growth from N to 4N
 images (1.0: it does not grow).
 
-    .venv/bin/python benchmarks/scale.py [--annotations PATH] [--grid-images 2000] [--steps 20]
+    .venv/bin/python benchmarks/scale.py [--annotations PATH] [--grid-images 1000] [--steps 20]
 
 Goals (2-core CPU): full-COCO prepare <= 30 s and <= 2 GB; training memory
 <= 4 GB with the 123k-image pooled store; the grid pipeline's memory
@@ -169,11 +170,13 @@ def stage_pooled(prepared_dir, store_dir, steps):
         next(batches)
     times["input_batches_per_second"] = 200 / (time.perf_counter() - start)
     del batches
-    first, rate = _train_steps("merge", store, arrays, prepared.vocab, steps, batch_size)
     captions = len(arrays[1])
+    before_training = {key + "_before_training": value for key, value in memory.peaks().items()}
+    if steps:  # steps/s do not depend on the data's size: timed on all of COCO only
+        first, rate = _train_steps("merge", store, arrays, prepared.vocab, steps, batch_size)
+        times.update(first_batch_seconds=first, steps_per_second=rate, epoch_hours=captions / batch_size / rate / 3600)
     return {"captions": captions, "images": len(store), "vocabulary": len(prepared.vocab), **times,
-            "first_batch_seconds": first, "steps_per_second": rate,
-            "epoch_hours": captions / batch_size / rate / 3600, "anon_after_imports": baseline, **memory.peaks()}
+            "anon_after_imports": baseline, **before_training, **memory.peaks()}
 
 
 def stage_grid(prepared_dir, store_dir, steps):
@@ -192,10 +195,10 @@ def stage_grid(prepared_dir, store_dir, steps):
     arrays = caption_arrays(prepared.captions, get_dataset("coco").train_splits, store, prepared.vocab)
     data = make_dataset(*arrays, batch_size=PRESETS["cpu-small"]["batch_size"], seed=0)
     times["caption_arrays_and_dataset"] = time.perf_counter() - start
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in data:
         pass
-    times["input_epoch"] = time.perf_counter() - start
+    times["input_epoch"], times["input_epoch_cpu"] = time.perf_counter() - start, time.process_time() - cpu
     first, rate = _train_steps("attention", store, arrays, prepared.vocab, steps, PRESETS["cpu-small"]["batch_size"])
     return {"captions": len(arrays[1]), "images": len(store), **times, "steps_per_second": rate,
             "anon_after_imports": baseline, **memory.peaks()}
@@ -268,7 +271,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--annotations", default=DEFAULT_ANNOTATIONS, help="the real captions_val2017.json")
     parser.add_argument("--images", type=int, default=COCO_IMAGES, help="images of the full-size run (all of COCO)")
-    parser.add_argument("--grid-images", type=int, default=2000, help="N: training images of the smaller grid store")
+    parser.add_argument("--grid-images", type=int, default=1000, help="N: training images of the smaller grid store")
     parser.add_argument("--steps", type=int, default=20, help="timed merge training steps (after one untimed)")
     parser.add_argument("--attention-steps", type=int, default=3, help="timed attention training steps")
     parser.add_argument("--folder", help="work folder (default: a temporary one, deleted at the end)")
@@ -300,7 +303,7 @@ def main():
         for label in sizes:
             base = work / label.replace("/", "-")
             prepare[label] = run_stage("prepare", base / "coco", base / "prepared")
-            pooled[label] = run_stage("pooled", base / "prepared", base / "pooled", args.steps)
+            pooled[label] = run_stage("pooled", base / "prepared", base / "pooled", args.steps if label == "all" else 0)
         grid = {label: run_stage("grid", work / "all" / "prepared", work / f"grid-{label}", args.attention_steps)
                 for label in grids}
 
@@ -314,17 +317,20 @@ def main():
         print(f"  {label:>4} of COCO: {result['images']:7,} images, {result['captions']:7,} training captions: "
               f"load_prepared {result['load_prepared']:4.1f} s, open store {result['open_store']:4.1f} s, "
               f"caption_arrays {result['caption_arrays']:4.1f} s;\n{'':16}input: first batch {result['first_batch']:4.1f} s, "
-              f"then {result['input_batches_per_second']:4.0f} batches/s; training: first step "
-              f"{result['first_batch_seconds']:4.1f} s, then {result['steps_per_second']:4.2f} steps/s -> one epoch "
-              f"{result['epoch_hours']:4.1f} h;\n{'':16}RSS peak {gib(result['rss_peak'])}, anon peak "
-              f"{gib(result['anon_peak'])} ({gib(result['anon_after_imports'])} after imports)")
+              f"then {result['input_batches_per_second']:4.0f} batches/s; " + (
+                  f"training: first step {result['first_batch_seconds']:4.1f} s, then {result['steps_per_second']:4.2f} "
+                  f"steps/s -> one epoch {result['epoch_hours']:4.1f} h" if "steps_per_second" in result else
+                  "training not timed here") + f";\n{'':16}RSS peak {gib(result['rss_peak'])}, anon peak "
+              f"{gib(result['anon_peak'])} ({gib(result['anon_after_imports'])} after imports, "
+              f"{gib(result['anon_peak_before_training'])} before training)")
     print(f"\ngrid training input (attention, {'x'.join(map(str, GRID_SHAPE))} float16 = "
           f"{np.prod(GRID_SHAPE) * 2 // 1024} KB per image; one epoch of batches of 64, "
           f"then {args.attention_steps} training steps):")
     for label, result in grid.items():
         print(f"  {label:>2} = {result['images']:6,} images, {result['captions']:6,} captions: "
               f"caption_arrays + make_dataset {result['caption_arrays_and_dataset']:5.1f} s, "
-              f"epoch of batches {result['input_epoch']:5.1f} s, {result['steps_per_second']:4.2f} steps/s; "
+              f"epoch of batches {result['input_epoch']:5.1f} s ({result['input_epoch_cpu']:5.1f} s CPU), "
+              f"{result['steps_per_second']:4.2f} steps/s;\n{'':16}"
               f"RSS peak {gib(result['rss_peak'])}, anon peak {gib(result['anon_peak'])} "
               f"({gib(result['anon_after_imports'])} after imports)")
 
@@ -335,7 +341,8 @@ def main():
           f"(CPU {ratio(prepare, 'cpu_seconds', '1/4', 'all'):4.2f}x), RSS peak {ratio(prepare, 'rss_peak', '1/4', 'all'):4.2f}x")
     print(f"  pooled training:  caption_arrays {ratio(pooled, 'caption_arrays', '1/4', 'all'):4.2f}x, "
           f"first batch {ratio(pooled, 'first_batch', '1/4', 'all'):4.2f}x, "
-          f"RSS peak {ratio(pooled, 'rss_peak', '1/4', 'all'):4.2f}x, anon peak {ratio(pooled, 'anon_peak', '1/4', 'all'):4.2f}x")
+          f"before training: RSS peak {ratio(pooled, 'rss_peak_before_training', '1/4', 'all'):4.2f}x, "
+          f"anon peak {ratio(pooled, 'anon_peak_before_training', '1/4', 'all'):4.2f}x")
     print(f"  grid training:    caption_arrays + make_dataset "
           f"{ratio(grid, 'caption_arrays_and_dataset', 'N', '4N'):4.2f}x, epoch of batches "
           f"{ratio(grid, 'input_epoch', 'N', '4N'):4.2f}x, RSS peak {ratio(grid, 'rss_peak', 'N', '4N'):4.2f}x, "
