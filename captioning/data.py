@@ -15,6 +15,7 @@ the file and the field, and problems we can repair (a caption pointing at a
 missing image entry, an empty caption) are repaired and counted in the report.
 """
 
+import collections
 import dataclasses
 import hashlib
 import os
@@ -110,7 +111,8 @@ def load_coco(annotation_file, image_dir=None, split=None):
         if name in names:
             raise ValueError(f"{annotation_file}: images[{i}].file_name {name!r} is listed twice "
                              f"(also images[{names[name]}])")
-        files[image_id] = _image_path(image_dir, name, f"file name in {annotation_file} images[{i}].file_name")
+        path = _image_path(image_dir, name, f"file name in {annotation_file} images[{i}].file_name")
+        files[image_id] = (path.name, str(path))  # once per image, not once per caption
         names[image_id] = names[name] = i
 
     rows = []
@@ -124,7 +126,7 @@ def load_coco(annotation_file, image_dir=None, split=None):
         if image_id not in files:
             raise ValueError(f"{annotation_file}: annotations[{i}].image_id {image_id} is not in 'images' "
                              "(a caption of no listed photo: the file is damaged or was mixed with another)")
-        rows.append((image_id, files[image_id].name, str(files[image_id]), caption, split))
+        rows.append((image_id, *files[image_id], caption, split))
     return _table(rows)
 
 
@@ -319,15 +321,17 @@ def load_dataset(dataset, data_dir, *, karpathy_split=None, on_disk_only=False):
 
 
 def _keep_on_disk(df, what):
-    """Drop rows whose image file is missing; one directory listing per folder, not one stat per image."""
+    """Drop rows whose image file is missing; one directory listing per folder, not one stat per image.
+    os.path, not pathlib, on the paths: pathlib takes seconds for COCO's 123,287 images."""
     paths = pd.Series(df["image_path"].unique())
-    folders = {folder: set() for folder in paths.map(lambda path: str(Path(path).parent))}
+    parents, names = paths.map(os.path.dirname), paths.map(os.path.basename)
+    folders = {folder: set() for folder in parents.unique()}
     for folder in folders:
-        if Path(folder).is_dir():
+        if os.path.isdir(folder):
             folders[folder] = {entry.name for entry in os.scandir(folder) if entry.is_file()}
-    if folders and not any(Path(folder).is_dir() for folder in folders):
+    if folders and not any(os.path.isdir(folder) for folder in folders):
         raise FileNotFoundError(f"image folder not found: {sorted(folders)[0]} (for {what})")
-    present = {path for path in paths if Path(path).name in folders[str(Path(path).parent)]}
+    present = set(paths[[name in folders[parent] for parent, name in zip(parents, names)]])
     attrs = dict(df.attrs, annotated_images=int(df["image_id"].nunique()), annotated_captions=len(df),
                  dropped_images=len(paths) - len(present))
     df = df[df["image_path"].isin(present)].reset_index(drop=True)
@@ -337,17 +341,23 @@ def _keep_on_disk(df, what):
 
 # --- report and prepared files -----------------------------------------------------------
 
+def _word_counts(cleaned):
+    """Words in each cleaned caption (words joined by single spaces): far faster than splitting 600,000."""
+    return cleaned.str.count(" ") + (cleaned != "")
+
+
 def quality_report(df):
     """Counts a learner should look at before training. Notebook 01.
 
     Images, captions per image, empty and duplicate captions (same image, same
     cleaned text), captions with non-ASCII characters, caption lengths in words.
+    Uses the table's "clean" column when it has one (prepare's), else cleans.
     """
     if df.empty:
         raise ValueError("no captions to report on (is the image folder empty?)")
     per_image = df.groupby("image_id").size()
-    cleaned = df["caption"].map(clean_caption)
-    lengths = cleaned.str.split().str.len()
+    cleaned = df["clean"] if "clean" in df else df["caption"].map(clean_caption)
+    lengths = _word_counts(cleaned)
     image_and_text = pd.DataFrame({"image": df["image_id"], "text": cleaned})[cleaned != ""]
     report = {
         "images": int(df["image_id"].nunique()),
@@ -398,11 +408,12 @@ def prepare(dataset, data_dir, out_dir, *, min_count=5, max_vocab=None, max_leng
     if df.empty:
         where = f": none of the {df.attrs.get('annotated_images', 0):,} annotated images is on disk"
         raise ValueError(f"no captions for {dataset} in {data_dir}" + (where if on_disk_only else ""))
+    attrs = dict(df.attrs)
+    df = df.assign(clean=df["caption"].map(clean_caption))  # once: the report reads this column too
+    df.attrs.update(attrs)
     report = quality_report(df)
     if on_disk_only:
         report["images_on_disk"] = report["images"]
-    attrs = dict(df.attrs)
-    df = df.assign(clean=df["caption"].map(clean_caption))
     df = df[df["clean"] != ""].reset_index(drop=True)
     df.attrs.update(attrs)
     report["dropped_empty_captions"] = report["empty_captions"]
@@ -411,8 +422,9 @@ def prepare(dataset, data_dir, out_dir, *, min_count=5, max_vocab=None, max_leng
     training = df[df["split"].isin(get_dataset(dataset).train_splits)]
     source = training if len(training) else df
     vocab = Vocabulary.build(source["clean"], min_count=min_count, max_size=max_vocab, max_length=max_length)
-    lengths = df["clean"].str.split().str.len()
-    words = [word for caption in source["clean"] for word in caption.split()]
+    lengths = _word_counts(df["clean"])
+    counts = collections.Counter(word for caption in source["clean"] for word in caption.split())
+    words = sum(counts.values())
     report.update({
         "dataset": dataset, "data_dir": str(Path(data_dir).resolve()), "rows": int(len(df)),
         "source_fingerprint": fingerprint,
@@ -420,7 +432,7 @@ def prepare(dataset, data_dir, out_dir, *, min_count=5, max_vocab=None, max_leng
             "size": len(vocab), "min_count": min_count, "max_size": max_vocab, "max_length": max_length,
             "built_from_splits": sorted(source["split"].unique().tolist()),
             "fingerprint": vocab.fingerprint,
-            "unknown_word_rate": round(sum(word not in vocab for word in words) / max(len(words), 1), 4),
+            "unknown_word_rate": round(sum(n for word, n in counts.items() if word not in vocab) / max(words, 1), 4),
             "captions_cut": int((lengths > max_length).sum()),
         },
     })

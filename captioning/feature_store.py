@@ -121,6 +121,11 @@ class FeatureStore:
         return tuple(self.manifest["feature_shape"])
 
     @property
+    def features(self):
+        """The whole (images, *feature_shape) float16 array, memory-mapped: nothing is read until indexed."""
+        return self._features
+
+    @property
     def skipped(self):
         """(image_id, path, reason) of every image the cache could not read."""
         return as_tuples(self.manifest["skipped"])
@@ -131,16 +136,25 @@ class FeatureStore:
             raise KeyError(f"{len(missing)} image ids not in the feature cache {self.out_dir}, e.g. {missing[:3]}")
         return [self._row[image_id] for image_id in ids]
 
+    def rows(self, ids):
+        """The row of each id in `features` (int64), e.g. one per caption for make_dataset."""
+        return np.array(self._rows(list(ids)), dtype=np.int64)
+
     def get(self, image_id):
         return np.asarray(self._features[self._rows([image_id])[0]], dtype=np.float32)
 
     def get_many(self, ids):
-        rows = np.array(self._rows(list(ids)), dtype=np.int64)
-        # Reading rows in file order is much faster on a memory map; then restore the asked order.
-        order = np.argsort(rows, kind="stable")
-        result = np.empty((len(rows), *self.feature_shape), dtype=np.float32)
-        result[order] = self._features[rows[order]]
-        return result
+        return read_rows(self._features, self.rows(ids))
+
+
+def read_rows(features, rows):
+    """features[rows] as float32. Rows are read in file order, much faster on a memory map
+    than in the asked order, which is then restored."""
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    result = np.empty((len(rows), *features.shape[1:]), dtype=np.float32)
+    result[order] = features[rows[order]]
+    return result
 
 
 def check_settings(found, wanted, where):

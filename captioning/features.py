@@ -421,7 +421,7 @@ def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet
 def _with_spread(report):
     """The report with the spread of the store's features: the "same caption" alarm, rung early."""
     if report.cached:
-        report.spread = feature_spread(FeatureStore.open(report.out_dir)._features)
+        report.spread = feature_spread(FeatureStore.open(report.out_dir).features)
     return report
 
 

@@ -30,8 +30,7 @@ from captioning.evaluation import (bleu_scores, bootstrap_intervals, coco_scores
 from captioning.features import FeatureStore, cache_features  # noqa: E402
 from captioning.fileio import (atomic_path, read_json, replace_folder, restore_folder, work_paths,  # noqa: E402
                                writable_folder, write_json_atomic)
-from captioning.training import (MODEL_KEYS, fit_captioner, gather_features, make_dataset, preset_settings,  # noqa: E402
-                                 read_history)
+from captioning.training import MODEL_KEYS, fit_captioner, make_dataset, preset_settings, read_history  # noqa: E402
 
 # Captioning in chunks keeps beam search's working memory (chunk x beam x vocabulary
 # log-probabilities) small on a full 5,000-image COCO split.
@@ -79,11 +78,11 @@ def _feature_store(images, features_dir, encoder, weights, pooling, log):
 
 
 def caption_arrays(captions, splits, store, vocab):
-    """(features, rows, sequences) for make_dataset: the captions of `splits` whose
-    image is in the feature store, encoded with `vocab` (notebook 03)."""
+    """(store, rows, sequences) for make_dataset: the captions of `splits` whose image is in
+    the feature store, each with its image's row in the store, encoded with `vocab`
+    (notebook 03). The features stay on disk: make_dataset reads each batch's rows."""
     part = captions[captions["split"].isin(splits) & captions["image_id"].isin(set(store.ids))]
-    features, rows = gather_features(store, part["image_id"].tolist())
-    return features, rows, vocab.encode_batch(part["clean"].tolist())
+    return store, store.rows(part["image_id"]), vocab.encode_batch(part["clean"].tolist())
 
 
 def history_metrics(history, seconds=None):
@@ -115,7 +114,8 @@ def _distinct_captions(model, vocab, val_arrays, settings, log):
     model that says the same thing about every photo is caught here, not by a user later."""
     from captioning.architectures import make_step_decoder
     from captioning.decoding import beam_search
-    features = val_arrays[0][:CHUNK]
+    store, rows, _ = val_arrays
+    features = store.get_many([store.ids[row] for row in np.unique(rows)[:CHUNK]])
     if not len(features):
         return None
     results = beam_search(make_step_decoder(model), features, start_id=vocab.start_id, end_id=vocab.end_id,

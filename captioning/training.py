@@ -24,6 +24,7 @@ tf = quiet_tensorflow()
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from captioning.feature_store import FeatureStore, read_rows  # noqa: E402
 from captioning.vocab import PAD_ID  # noqa: E402
 
 # What a learner changes first. `cpu-small` trains the Flickr8k sample on a
@@ -142,11 +143,18 @@ def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed
     The model reads sequence[:-1] and must predict sequence[1:]. Features are
     stored once per image and gathered per batch, so a caption costs an index,
     not a copy of its image vector. Features may be vectors (N, D) or grids
-    (N, H, W, C), float32 or the cache's float16 (cast per batch). With one
+    (N, H, W, C), float32 or the cache's float16 (cast per batch). They may also
+    stay on disk: a FeatureStore or its memory map (store.features), with rows
+    from store.rows(ids) (what pipeline.caption_arrays gives); each batch's rows
+    are then read from the file as the batch is made, so memory does not grow
+    with the store (all of COCO's 8x8x2048 grids are 32 GB). With one
     weight per caption, batches also carry it for every target word (the loss
     multiplies each word's loss by it: self_critical.py).
     """
-    features = np.asarray(features)
+    if isinstance(features, FeatureStore):
+        features = features.features
+    on_disk = isinstance(features, np.memmap)
+    features = features if on_disk else np.asarray(features)
     sequences = np.asarray(sequences, dtype=np.int32)
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) != len(sequences):
@@ -154,10 +162,13 @@ def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed
     if len(rows) == 0:
         raise ValueError("no captions to make a dataset from")
 
-    if features.dtype == np.float16:
+    if on_disk or features.dtype == np.float16:
         # float16 stays in numpy: TensorFlow's CPU float16 kernels are slow and log a oneDNN error.
+        def read(batch_rows):
+            return read_rows(features, batch_rows) if on_disk else features[batch_rows].astype(np.float32)
+
         def images(batch_rows):
-            batch = tf.numpy_function(lambda rows: features[rows].astype(np.float32), [batch_rows], tf.float32)
+            batch = tf.numpy_function(read, [batch_rows], tf.float32)
             return tf.ensure_shape(batch, (None, *features.shape[1:]))
     else:
         table = tf.constant(features.astype(np.float32, copy=False))

@@ -142,6 +142,61 @@ def test_shuffling_keeps_each_caption_with_its_image():
         assert vocab.decode(targets[position]) == captions[index]
 
 
+def write_store(folder, ids, features):
+    """A finished feature store of these features, through feature_store.write_store (the real writer)."""
+    from captioning.feature_store import FeatureStore, write_store
+    chunk = folder / "partial" / "chunk-000000.npz"
+    chunk.parent.mkdir(parents=True)
+    np.savez(chunk, ids=np.array(ids, dtype=str), features=features, skipped=np.zeros((0, 3), dtype=str))
+    write_store([chunk], {"feature_shape": list(features.shape[1:])}, folder)
+    return FeatureStore.open(folder)
+
+
+@pytest.mark.parametrize("shape", [(FEATURE_DIM,), (2, 3, 4)], ids=["pooled", "grid"])
+def test_dataset_over_a_feature_store_reads_each_batch_and_equals_the_array(tmp_path, shape, monkeypatch):
+    import captioning.training as training
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(7, *shape)).astype("float16")
+    store = write_store(tmp_path / "store", [f"image-{i}" for i in range(7)], features)
+    vocab = synthetic_vocab()
+    _, captions = synthetic_captions(23, seed=5)
+    rows, sequences, weights = rng.integers(7, size=23), vocab.encode_batch(captions), rng.normal(size=23)
+    reads, read_rows = [], training.read_rows
+
+    def counted(array, batch_rows):
+        reads.append(len(batch_rows))
+        return read_rows(array, batch_rows)
+    monkeypatch.setattr(training, "read_rows", counted)
+    for shuffle in (False, True):
+        for source in (store, store.features):  # each pipeline's first epoch: the same order for one seed
+            in_memory = make_dataset(features, rows, sequences, batch_size=5, shuffle=shuffle, seed=3, weights=weights)
+            on_disk = make_dataset(source, rows, sequences, batch_size=5, shuffle=shuffle, seed=3, weights=weights)
+            pairs = list(zip(in_memory.as_numpy_iterator(), on_disk.as_numpy_iterator(), strict=True))
+            assert len(pairs) == 5
+            for (inputs, targets, word_weights), (got_inputs, got_targets, got_weights) in pairs:
+                assert got_inputs["image"].dtype == np.float32 and got_inputs["image"].shape[1:] == shape
+                np.testing.assert_array_equal(got_inputs["image"], inputs["image"])
+                np.testing.assert_array_equal(got_inputs["words"], inputs["words"])
+                np.testing.assert_array_equal(got_targets, targets)
+                np.testing.assert_array_equal(got_weights, word_weights)
+    assert reads and max(reads) <= 5  # one batch's rows per read, never the whole store
+
+
+def test_caption_arrays_keeps_the_features_in_the_store(tmp_path):
+    import pandas as pd
+    from captioning.pipeline import caption_arrays
+    features = np.arange(3 * FEATURE_DIM, dtype="float16").reshape(3, FEATURE_DIM)
+    store = write_store(tmp_path / "store", ["a", "b", "c"], features)
+    captions = pd.DataFrame({"image_id": ["c", "a", "x", "c", "b"], "split": ["train", "train", "train", "val", "train"],
+                             "clean": ["a red dog runs", "two birds", "a man", "the car", "a blue car"]})
+    vocab = synthetic_vocab()
+    source, rows, sequences = caption_arrays(captions, ("train",), store, vocab)
+    assert source is store  # no copy: make_dataset reads each batch's rows from the memory map
+    np.testing.assert_array_equal(rows, [2, 0, 1])  # "x" has no features; "c" is val
+    np.testing.assert_array_equal(sequences, vocab.encode_batch(["a red dog runs", "two birds", "a blue car"]))
+    inputs, _ = next(make_dataset(source, rows, sequences, batch_size=3, shuffle=False).as_numpy_iterator())
+    np.testing.assert_array_equal(inputs["image"], features[[2, 0, 1]].astype("float32"))
+
 def test_presets_and_overrides():
     assert set(PRESETS) == {"cpu-small", "gpu-full"}
     assert preset_settings("cpu-small", epochs=3)["epochs"] == 3
