@@ -16,6 +16,7 @@ One module per pipeline stage, in the order the notebooks teach them:
     decoding       batched greedy and beam search, sampling                           (notebook 04)
     evaluation     BLEU, METEOR, ROUGE-L, CIDEr-D, diversity, bootstrap intervals     (notebook 05)
     attention      the soft-attention architecture                                    (notebook 06)
+    widgets        what the interactive panels compute: beam table, attention maps   (notebooks 04, 06)
     cli            `python -m captioning ...`
 
 Helpers: layers (layers every architecture shares), images (reading photos),
