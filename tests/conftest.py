@@ -155,5 +155,5 @@ def offline_demo(flickr8k_small_dir, mobilenet_weights, tmp_path_factory):
     command = re.sub(r"WEIGHTS=/weights/\S+", f"WEIGHTS={mobilenet_weights}", command)
     root = tmp_path_factory.mktemp("offline-demo")
     work_dir, runs = root / "work", root / "runs"
-    result = shell(command, REPO, {"WORK_DIR": str(work_dir), "RUNS": str(runs)}, timeout=3600)
+    result = shell(command, REPO, {"WORK_DIR": str(work_dir), "RUNS": str(runs)}, timeout=5400)
     return SimpleNamespace(command=command, result=result, work_dir=work_dir, runs=runs)
