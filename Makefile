@@ -25,11 +25,15 @@ COCO_URL ?= $(or $(CAPTIONING_COCO_URL),http://images.cocodataset.org)
 # (PARAMS="epochs=4 experiment_epochs=3": NAME=VALUE pairs, no spaces in a value).
 NOTEBOOKS ?=
 PARAMS ?=
+# SOLUTIONS=1: after the notebooks, run the exercises' solutions (notebooks/solutions/), which check
+# every answer against the package. `make solutions` runs only them, on what `make demo` left.
+SOLUTIONS ?=
 
-.PHONY: help setup demo test lab data benchmarks clean clean-data
+.PHONY: help setup demo solutions test lab data benchmarks clean clean-data
 
 help:
 	@echo "make demo        run notebooks 01-06 end to end; executed copies land in $(RUNS)/"
+	@echo "make solutions   run the exercises' solutions on what make demo left (same settings)"
 	@echo "make test        run the test suite"
 	@echo "make lab         open the notebooks in JupyterLab"
 	@echo "make data        download COCO caption annotations and a $(SUBSET)-image subset into $(DATA_DIR)"
@@ -46,11 +50,16 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --no-deps --editable .
 	@touch $@
 
+NOTEBOOK_SETTINGS = --out $(RUNS) --dataset $(DATASET) --data-dir $(DATA_DIR) --work-dir $(WORK_DIR) \
+	--encoder $(ENCODER) --weights $(WEIGHTS) --download $(DOWNLOAD) --subset-size $(SUBSET) \
+	$(if $(NOTEBOOKS),--only $(NOTEBOOKS)) $(foreach pair,$(PARAMS),-p $(subst =, ,$(pair)))
+
 demo: setup
-	@CAPTIONING_COCO_URL=$(COCO_URL) $(PY) scripts/run_notebooks.py --out $(RUNS) --dataset $(DATASET) \
-		--data-dir $(DATA_DIR) --work-dir $(WORK_DIR) --encoder $(ENCODER) --weights $(WEIGHTS) \
-		--download $(DOWNLOAD) --subset-size $(SUBSET) $(if $(NOTEBOOKS),--only $(NOTEBOOKS)) \
-		$(foreach pair,$(PARAMS),-p $(subst =, ,$(pair)))
+	@CAPTIONING_COCO_URL=$(COCO_URL) $(PY) scripts/run_notebooks.py $(NOTEBOOK_SETTINGS) \
+		$(if $(filter 1,$(SOLUTIONS)),--solutions)
+
+solutions: setup
+	@CAPTIONING_COCO_URL=$(COCO_URL) $(PY) scripts/run_notebooks.py $(NOTEBOOK_SETTINGS) --solutions-only
 
 test: setup
 	$(PY) -m pytest tests

@@ -17,6 +17,7 @@ One module per pipeline stage, in the order the notebooks teach them:
     evaluation     BLEU, METEOR, ROUGE-L, CIDEr-D, diversity, bootstrap intervals     (notebook 05)
     export         a bundle as a SavedModel or .tflite that runs without this package (notebook 04)
     attention      the soft-attention architecture                                    (notebook 06)
+    widgets        what the interactive panels compute: beam table, attention maps   (notebooks 04, 06)
     cli            `python -m captioning ...`
 
 Helpers: layers (layers every architecture shares), images (reading photos),

@@ -129,16 +129,24 @@ def _distinct_captions(model, vocab, val_arrays, settings, log):
     return {"photos": len(captions), "distinct": len(set(captions))}
 
 
-def _self_critical_phase(model, prepared, store, splits, settings, epochs, seed, log):
-    """Fine-tune on CIDEr-D after teacher forcing (self_critical.py); an explicit `epochs` caps it too."""
-    from captioning.self_critical import references_by_image, self_critical
+def self_critical_recipe(settings, epochs=None):
+    """The arguments of `self_critical` that come from a preset's settings, as `train` passes
+    them (notebook 03 passes the same): the preset's fine-tuning epochs, capped by an explicit
+    teacher-forcing `epochs` (a quick run stays quick), its learning rate, batch size, the
+    decoding the validation captions are written with, and how many epochs' weights to average."""
     rounds = settings["self_critical_epochs"] if epochs is None else min(epochs, settings["self_critical_epochs"])
+    return {"epochs": rounds, "learning_rate": settings["self_critical_learning_rate"],
+            "batch_size": settings["batch_size"], "length_alpha": settings["length_alpha"],
+            "no_repeat_ngram": settings["no_repeat_ngram"], "average_last": settings["self_critical_average"]}
+
+
+def _self_critical_phase(model, prepared, store, splits, settings, epochs, seed, log):
+    """Fine-tune on CIDEr-D after teacher forcing (self_critical.py)."""
+    from captioning.self_critical import references_by_image, self_critical
     train = references_by_image(prepared.captions, splits[0], store)
     val = references_by_image(prepared.captions, splits[1], store)
-    return self_critical(model, prepared.vocab, *train, *val, epochs=rounds, seed=seed, log=log,
-                         learning_rate=settings["self_critical_learning_rate"], batch_size=settings["batch_size"],
-                         length_alpha=settings["length_alpha"], no_repeat_ngram=settings["no_repeat_ngram"],
-                         average_last=settings["self_critical_average"])
+    return self_critical(model, prepared.vocab, *train, *val, seed=seed, log=log,
+                         **self_critical_recipe(settings, epochs))
 
 
 def _bundle_folder(out_dir, overwrite):

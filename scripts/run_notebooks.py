@@ -2,7 +2,10 @@
 
 This is what `make demo` runs, and what the test suite runs on the small
 shared data. Each notebook receives only the parameters its `parameters` cell
-declares, so the same command line serves all of them.
+declares, so the same command line serves all of them. `--solutions` also runs
+the exercises' solutions (notebooks/solutions/, copies in OUT/solutions/) after
+the course notebooks, and `--solutions-only` runs only them (`make solutions`),
+on the work folder the course notebooks left.
 
 Before starting any notebook it checks, in a few seconds, that what the run
 will download can be downloaded (the COCO server, Keras's ImageNet weights).
@@ -18,45 +21,60 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
+SOLUTIONS = NOTEBOOKS / "solutions"
 sys.path.insert(0, str(REPO))  # the captioning package, when run from a fresh clone without installing it
 
 
-def notebook_paths(only=None):
-    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+def notebook_paths(only=None, folder=NOTEBOOKS):
+    """The course notebooks (or, with folder=SOLUTIONS, their solutions), in order."""
+    paths = sorted(Path(folder).glob("[0-9][0-9]_*.ipynb"))
     if only:
         paths = [path for path in paths if path.name[:2] in only]
     return paths
 
 
-def run(parameters, out_dir, only=None, log=print):
-    """Run the notebooks (all, or those whose two-digit prefix is in `only`); return the
-    executed copies. `log` receives each notebook's wall time and the total."""
+def _execute(paths, parameters, out_dir, cwd, label, log):
+    """Run `paths` one after the other in `cwd`; log each wall time and the total."""
     import papermill
 
-    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Keep TensorFlow's C++ start-up lines out of the executed notebooks.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("PYTHONPATH", str(REPO))
-    if str(REPO) not in os.environ["PYTHONPATH"].split(os.pathsep):
-        os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ["PYTHONPATH"]
     executed, times = [], []
-    for path in notebook_paths(only):
+    for path in paths:
         declared = papermill.inspect_notebook(str(path))
         chosen = {key: value for key, value in parameters.items() if key in declared}
         output = out_dir / path.name
         log(f"running {path.name} with {chosen}")
         start = time.perf_counter()
         papermill.execute_notebook(
-            str(path), str(output), parameters=chosen, cwd=str(NOTEBOOKS),
+            str(path), str(output), parameters=chosen, cwd=str(cwd),
             kernel_name="python3", progress_bar=False, log_output=False,
         )
         times.append((path.name, time.perf_counter() - start))
         log(f"  {path.name}: {times[-1][1]:.0f} s -> {output}")
         executed.append(output)
     if len(times) > 1:
-        log("wall time: " + ", ".join(f"{name[:2]} {seconds:.0f} s" for name, seconds in times)
+        log(f"{label}: " + ", ".join(f"{name[:2]} {seconds:.0f} s" for name, seconds in times)
             + f"; total {sum(seconds for _, seconds in times):.0f} s")
+    return executed
+
+
+def run(parameters, out_dir, only=None, log=print, solutions=False, course=True):
+    """Run the notebooks (all, or those whose two-digit prefix is in `only`); return the
+    executed copies. With solutions=True the matching solution notebooks run afterwards
+    (executed copies in OUT/solutions/); course=False runs only those. `log` receives
+    each notebook's wall time and the totals."""
+    out_dir = Path(out_dir).resolve()
+    # Keep TensorFlow's C++ start-up lines out of the executed notebooks.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("PYTHONPATH", str(REPO))
+    if str(REPO) not in os.environ["PYTHONPATH"].split(os.pathsep):
+        os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ["PYTHONPATH"]
+    executed = []
+    if course:
+        executed += _execute(notebook_paths(only), parameters, out_dir, NOTEBOOKS, "wall time", log)
+    if solutions:
+        executed += _execute(notebook_paths(only, SOLUTIONS), parameters, out_dir / "solutions", SOLUTIONS,
+                             "solutions wall time", log)
     return executed
 
 
@@ -111,6 +129,10 @@ def main(argv=None):
     parser.add_argument("--subset-size", type=int, default=2000)
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="any other notebook parameter (the value is read as a Python literal when it can be)")
+    parser.add_argument("--solutions", action="store_true",
+                        help="also run the exercises' solutions (notebooks/solutions/) after the course notebooks")
+    parser.add_argument("--solutions-only", action="store_true",
+                        help="run only the solutions, on the work folder the course notebooks left")
     args = parser.parse_args(argv)
 
     def absolute(path):
@@ -132,13 +154,14 @@ def main(argv=None):
         except (ValueError, SyntaxError):
             parameters[name] = value
     only = args.only.split(",") if args.only else None
-    problem = preflight(parameters, only)
+    course = not args.solutions_only
+    problem = preflight(parameters, only if course else [])  # the solutions download nothing but weights
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     import papermill
     try:
-        run(parameters, args.out, only)
+        run(parameters, args.out, only, solutions=args.solutions or args.solutions_only, course=course)
     except papermill.PapermillExecutionError as error:
         print(f"notebook failed: {error.ename}: {error.evalue}", file=sys.stderr)
         return 1

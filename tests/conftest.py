@@ -120,3 +120,40 @@ def flickr8k_bundle(flickr8k_small_dir, mobilenet_weights, flickr8k_work_dir):
         "--arch", "merge", "--epochs", 3, "--cache-dir", flickr8k_work_dir, "--out", bundle,
     )
     return bundle
+
+
+
+def readme_blocks(language="bash"):
+    """The README's ```bash blocks, each a list of commands (continuation lines joined)."""
+    import re
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = []
+    for body in re.findall(rf"```{language}\n(.*?)```", text, flags=re.S):
+        blocks.append([line.strip() for line in body.replace("\\\n", " ").splitlines() if line.strip()])
+    return blocks
+
+
+def shell(command, cwd, environment=None, timeout=1500):
+    """Run one README line with bash, as a user types it; the venv's python comes first on PATH."""
+    import subprocess
+    path = f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    env = {**os.environ, "PATH": path, "PYTHONPATH": str(REPO), **(environment or {})}
+    return subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def offline_demo(flickr8k_small_dir, mobilenet_weights, tmp_path_factory):
+    """The README's offline `make demo` block, run once per session on 130 photos of the
+    Flickr8k sample: tests/test_readme.py checks the executed notebooks, tests/test_solutions.py
+    runs the exercises' solutions on the work folder it leaves. Returns the command as run (the
+    README line with the data locations filled in), its result, the work and runs folders."""
+    import re
+    from types import SimpleNamespace
+
+    [command] = [block[0] for block in readme_blocks() if block[0].startswith("make demo DATASET=flickr8k")]
+    command = command.replace("/data/flickr8k", str(flickr8k_small_dir))
+    command = re.sub(r"WEIGHTS=/weights/\S+", f"WEIGHTS={mobilenet_weights}", command)
+    root = tmp_path_factory.mktemp("offline-demo")
+    work_dir, runs = root / "work", root / "runs"
+    result = shell(command, REPO, {"WORK_DIR": str(work_dir), "RUNS": str(runs)}, timeout=5400)
+    return SimpleNamespace(command=command, result=result, work_dir=work_dir, runs=runs)

@@ -21,7 +21,6 @@ A README block that no test here runs fails the suite: add its runner.
 
 import io
 import json
-import os
 import re
 import shlex
 import socket
@@ -35,31 +34,15 @@ from pathlib import Path
 import pytest
 
 from captioning import download
-from conftest import REPO
+from conftest import REPO, readme_blocks, shell
 from http_fixtures import serving
 
 pytestmark = pytest.mark.slow
 
 
-def readme_blocks(language="bash"):
-    """The README's ```bash blocks, each a list of commands (continuation lines joined)."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    blocks = []
-    for body in re.findall(rf"```{language}\n(.*?)```", text, flags=re.S):
-        blocks.append([line.strip() for line in body.replace("\\\n", " ").splitlines() if line.strip()])
-    return blocks
-
-
 def block_starting(prefix):
     [block] = [block for block in readme_blocks() if block[0].startswith(prefix)]
     return block
-
-
-def shell(command, cwd, environment=None, timeout=1500):
-    """Run one README line with bash, as a user types it; the venv's python comes first on PATH."""
-    path = f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"
-    env = {**os.environ, "PATH": path, "PYTHONPATH": str(REPO), **(environment or {})}
-    return subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def ok(result):
@@ -138,7 +121,8 @@ def test_make_demo_with_its_defaults_downloads_trains_captions_and_resumes(coco_
     data_dir, work_dir, runs = tmp_path / "coco", tmp_path / "work", tmp_path / "runs"
     environment = {"CAPTIONING_COCO_URL": server.url(""), "WEIGHTS": "none",
                    "DATA_DIR": str(data_dir), "WORK_DIR": str(work_dir), "RUNS": str(runs)}
-    result = ok(shell(demo, REPO, environment))
+    # The six notebooks with their full budgets (the offline block took 52 min on 2 busy cores).
+    result = ok(shell(demo, REPO, environment, timeout=5400))
     executed = assert_taught(runs)
     assert re.search(r"wall time: 01 \d+ s, .*06 \d+ s; total \d+ s", result.stdout), result.stdout[-2000:]
 
@@ -199,15 +183,34 @@ def test_offline_make_demo_stops_at_once_and_says_what_to_use_instead(tmp_path):
 
 # --- offline, on Flickr8k --------------------------------------------------------------------
 
-def test_offline_block_runs_the_six_notebooks_on_flickr8k(flickr8k_small_dir, mobilenet_weights, tmp_path):
+def test_offline_block_runs_the_six_notebooks_on_flickr8k(offline_demo):
+    # The block runs once per session (conftest.py); tests/test_solutions.py reuses its work folder.
     [command] = block_starting("make demo DATASET=flickr8k")
-    command = command.replace("/data/flickr8k", str(flickr8k_small_dir))
-    command = re.sub(r"WEIGHTS=/weights/\S+", f"WEIGHTS={mobilenet_weights}", command)
-    runs = tmp_path / "runs"
-    result = ok(shell(command, REPO, {"WORK_DIR": str(tmp_path / "work"), "RUNS": str(runs)}))
-    executed = assert_taught(runs)
+    assert offline_demo.command.split()[:3] == command.split()[:3]
+    result = ok(offline_demo.result)
+    executed = assert_taught(offline_demo.runs)
     assert "total" in result.stdout
     assert "650 captions of 130 images" in notebook_text(executed[1])
+
+
+def test_notebook_03_saves_the_bundle_train_saves(offline_demo, flickr8k_bundle):
+    """Notebook 03's defaults are the `train` command's recipe, and its bundle.json records the same
+    fields as `train`'s (flickr8k_bundle: `train --epochs 3` on the same photos and weights). With the
+    same epochs the two give bit-identical weights (checked by hand; a run of both costs minutes)."""
+    from captioning.training import preset_settings
+
+    ok(offline_demo.result)
+    notebook = json.loads((offline_demo.work_dir / "bundles" / "flickr8k-merge" / "bundle.json").read_text())
+    command_line = json.loads((flickr8k_bundle / "bundle.json").read_text())
+    assert notebook["training"] == preset_settings("cpu-small")  # every setting of the preset, as it is
+    assert command_line["training"] == preset_settings("cpu-small", epochs=3)
+    assert notebook["decoding"] == {"length_alpha": 1.0, "no_repeat_ngram": 2} == command_line["decoding"]
+    assert sorted(notebook) == sorted(command_line) and sorted(notebook["metrics"]) == sorted(command_line["metrics"])
+    for key in set(notebook) - {"training", "metrics", "model_sha256"}:
+        assert notebook[key] == command_line[key], key
+    # The preset's 10 epochs of fine-tuning ran, and the mean of the last five was kept.
+    fine_tuning = notebook["metrics"]["self_critical"]
+    assert [row["epoch"] for row in fine_tuning] == list(range(1, 11)) + ["mean of 6-10"]
 
 
 # --- the command line -----------------------------------------------------------------------
