@@ -211,7 +211,12 @@ def _savedmodel(captioner, encoder, beam_width, out_dir):
     # The weights the graph reads, tracked so that they are saved (as keras.export does: the
     # variables alone, not the thousands of Keras objects that hold them, which take far longer).
     module.weights, module.serve = [*encoder.model.variables, *captioner.model.variables], serve
-    tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serve})
+    logger, level = tf.get_logger(), tf.get_logger().level
+    logger.setLevel("WARNING")  # "INFO: Assets written to ...": noise, the temporary folder's name
+    try:
+        tf.saved_model.save(module, str(out_dir), signatures={"serving_default": serve})
+    finally:
+        logger.setLevel(level)
     return {"inputs": {"images": "(N,) string: encoded photos (JPEG, PNG, GIF or BMP)"},
             "outputs": {"captions": "(N,) string", "scores": "(N,) float32: log_prob / length ** length_alpha"}}
 
