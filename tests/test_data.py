@@ -219,7 +219,7 @@ def test_full_official_val2017_annotations(coco_val_dir):
     df = data.load_dataset("coco", coco_val_dir)
     report = data.quality_report(df)
     assert (report["images"], report["captions"]) == (5000, 25014)
-    assert report["captions_per_image"]["min"] >= 5 and report["orphan_captions"] == 0
+    assert report["captions_per_image"]["min"] >= 5  # a caption of no listed image is an error (load_coco)
     on_disk = data.load_dataset("coco", coco_val_dir, on_disk_only=True)
     assert on_disk["image_id"].nunique() == 159 and on_disk.attrs["dropped_images"] == 5000 - 159
 
@@ -238,4 +238,5 @@ def test_prepare_command_prints_the_numbers(coco_val_dir, tmp_path):
     assert data.load_prepared(tmp_path / "out").captions["image_id"].nunique() == 159
     failed = run_cli("prepare", "--dataset", "coco", "--data-dir", tmp_path / "absent", "--out", tmp_path / "x",
                      check=False)
-    assert failed.returncode == 2 and "data folder not found" in failed.stderr
+    # A missing folder is a fault of the environment (exit 1), not of the command's usage (exit 2).
+    assert failed.returncode == 1 and "data folder not found" in failed.stderr
