@@ -124,11 +124,12 @@ def test_export_refuses_a_folder_that_is_not_a_previous_export(tmp_path, capsys)
     keep = tmp_path / "notes"
     keep.mkdir()
     (keep / "thesis.txt").write_text("mine")
-    assert cli.main(["export", "--model", str(tmp_path / "no-bundle"), "--out", str(keep)]) == 2
+    assert cli.main(["export", "--model", str(tmp_path / "no-bundle"), "--out", str(keep)]) == 1
     assert "not a previous export" in capsys.readouterr().err
     assert (keep / "thesis.txt").read_text() == "mine"
-    assert cli.main(["export", "--model", str(tmp_path), "--out", str(tmp_path / "x"), "--beam", "0"]) == 2
-    assert "--beam must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # a bad option value is a usage error, checked before any work
+        cli.main(["export", "--model", str(tmp_path), "--out", str(tmp_path / "x"), "--beam", "0"])
+    assert usage.value.code == 2 and "--beam: 0 is out of range: use 1 to 100" in capsys.readouterr().err
 
 
 def test_a_failed_export_leaves_the_previous_one_and_no_half_folder(tmp_path, monkeypatch):

@@ -84,8 +84,8 @@ def test_a_replaced_photo_is_encoded_again_and_only_it(tiny, tmp_path, capsys, m
     half_hour_ago = HOUR_AGO_NS + 1800 * 10**9
     os.utime(photos["005"], ns=(half_hour_ago, half_hour_ago))  # touched, the same bytes
     hashed = []
-    real_sha256 = getattr(features, "_sha256", None)
-    monkeypatch.setattr(features, "_sha256", lambda path: hashed.append(path) or real_sha256(path), raising=False)
+    real_sha256 = features.sha256_of
+    monkeypatch.setattr(features, "sha256_of", lambda path: hashed.append(path) or real_sha256(path))
     capsys.readouterr()
     report = cache_features(photos, cache, **options)
     assert report.computed == 1 and report.cached == 12
