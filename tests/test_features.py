@@ -209,4 +209,4 @@ def test_features_command(photos, mobilenet_weights, tmp_path):
     stale = run_cli(*arguments, "--weights", "imagenet", check=False)
     assert stale.returncode == 1 and "error: stale feature cache" in stale.stderr  # a fault, not usage
     bad_shard = run_cli(*arguments, "--weights", mobilenet_weights, "--shard", "1-of-2", check=False)
-    assert bad_shard.returncode == 2 and "--shard must look like I/N" in bad_shard.stderr
+    assert bad_shard.returncode == 2 and "argument --shard: '1-of-2' does not look like I/N" in bad_shard.stderr
