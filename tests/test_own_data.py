@@ -105,7 +105,7 @@ def test_every_command_works_on_a_folder_of_your_own(tmp_path):
     for i in range(40):
         name, colour = f"photos/{i:02d}.jpg", list(colours)[i % 4]
         photo(folder / name, colours[colour])
-        rows += [(name, f"a {colour} square on a {'dark' if j % 2 else 'plain'} background") for j in range(3)]
+        rows += [(name, f"a {colour} square on a {ground} background") for ground in ("plain", "dark", "light")]
     write_csv(folder, rows, header=("image", "caption"))
     work, bundle = tmp_path / "work", tmp_path / "bundle"
     common = ["--dataset", "csv", "--data-dir", folder]
