@@ -157,7 +157,7 @@ def test_make_demo_with_its_defaults_downloads_trains_captions_and_resumes(coco_
     # Again: nothing is downloaded twice (only the missing photos are asked for again). Downloads
     # happen in notebook 01 alone, so this run stops after it.
     served_before = _photos_served(server)
-    ok(shell(f"{demo} NOTEBOOKS=01", REPO, environment))
+    ok(shell(" ".join(shlex.split(demo, comments=True) + ["NOTEBOOKS=01"]), REPO, environment))
     assert _photos_served(server) == served_before
     assert sum(int(n) for n in re.findall(r"(\d+) downloaded", notebook_text(runs / executed[0].name))) == 0
     assert sum(len(list((data_dir / f"{split}2017").glob("*.jpg"))) for split in subset) == downloaded
