@@ -148,7 +148,7 @@ def write_store(folder, ids, features):
     chunk = folder / "partial" / "chunk-000000.npz"
     chunk.parent.mkdir(parents=True)
     np.savez(chunk, ids=np.array(ids, dtype=str), features=features, skipped=np.zeros((0, 3), dtype=str))
-    write_store([chunk], {"feature_shape": list(features.shape[1:])}, folder)
+    write_store([chunk], {"feature_shape": list(features.shape[1:])}, folder, sources={})
     return FeatureStore.open(folder)
 
 
