@@ -241,7 +241,7 @@ def test_train_and_caption_with_attention_from_the_command_line(flickr8k_small_d
     bundle = tmp_path / "attention"
     # The session's work folder: notebook 06 reuses the grid cache made here.
     run_cli("train", "--dataset", "flickr8k", "--data-dir", flickr8k_small_dir, "--encoder", "mobilenet_v2",
-            "--weights", mobilenet_weights, "--arch", "attention", "--epochs", 1,
+            "--weights", mobilenet_weights, "--arch", "attention", "--epochs", 1, "--self-critical-epochs", 0,
             "--cache-dir", flickr8k_work_dir, "--out", bundle)
     settings = json.loads((bundle / "bundle.json").read_text())
     assert settings["arch"] == "attention" and settings["encoder"]["pooling"] == "none"
