@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, small_flickr8k
 from test_faults import tiny_flickr8k
 
 pytestmark = pytest.mark.slow
@@ -105,10 +105,10 @@ def test_a_killed_worker_and_its_peer_restart_and_resume(cluster_data, tmp_path)
     assert json.loads((out / "bundle.json").read_text())["metrics"]["epochs_run"] == 4
 
 
-def test_features_cached_by_two_processes_merge_into_one_process_s_store(flickr8k_small_dir, mobilenet_weights,
-                                                                        tmp_path):
-    common = ["features", "--dataset", "flickr8k", "--data-dir", flickr8k_small_dir, "--encoder", "mobilenet_v2",
-              "--weights", mobilenet_weights, "--batch-size", 16]  # chunks of 64 photos: 3 for 130
+def test_features_cached_by_two_processes_merge_into_one_process_s_store(flickr8k_dir, mobilenet_weights, tmp_path):
+    photos = small_flickr8k(flickr8k_dir, tmp_path / "flickr8k", train=30, dev=10)
+    common = ["features", "--dataset", "flickr8k", "--data-dir", photos, "--encoder", "mobilenet_v2",
+              "--weights", mobilenet_weights, "--batch-size", 4]  # chunks of 16 photos: 3 for 40
     run_cli(*common, "--out", tmp_path / "one")
     shards = [subprocess.Popen([sys.executable, "-m", "captioning", *map(str, common), "--shard", f"{i}/2",
                                 "--out", str(tmp_path / f"shard{i}")], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
@@ -116,7 +116,7 @@ def test_features_cached_by_two_processes_merge_into_one_process_s_store(flickr8
     outputs = [shard.communicate(timeout=900)[0] for shard in shards]
     assert [shard.returncode for shard in shards] == [0, 0], outputs
     merged = run_cli("merge-shards", tmp_path / "shard1", tmp_path / "shard0", "--out", tmp_path / "merged")
-    assert "cached 130 images" in merged.stdout
+    assert "cached 40 images" in merged.stdout
     one, two = tmp_path / "one", tmp_path / "merged"
     names = sorted(path.name for path in one.iterdir() if path.is_file())
     assert names == sorted(path.name for path in two.iterdir() if path.is_file()) and "features.npy" in names
