@@ -112,3 +112,18 @@ def test_committed_notebooks_carry_no_outputs_and_teach(path):
     assert cells[0]["cell_type"] == "markdown", "a notebook starts by saying what it covers"
     assert "what to try" in "".join(cells[-1]["source"]).lower(), "a notebook ends with what to try"
     assert sum("parameters" in cell.get("metadata", {}).get("tags", []) for cell in cells) == 1
+
+
+SOLUTIONS = sorted((Path(__file__).resolve().parent.parent / "notebooks" / "solutions").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda path: path.stem)
+def test_papermill_sees_every_parameter(path):
+    """make demo passes a parameter only if papermill's inspection finds it in the parameters cell;
+    papermill skips a line holding two '=' (one in a comment is enough), and PARAMS then does nothing."""
+    import papermill
+
+    [source] = [source for _, tags, source in _code_cells(path) if "parameters" in tags]
+    assigned = [target.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
+                for target in node.targets if isinstance(target, ast.Name)]
+    assert assigned and sorted(papermill.inspect_notebook(str(path))) == sorted(assigned)
