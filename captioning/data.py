@@ -285,6 +285,8 @@ def source_fingerprint(dataset, data_dir, karpathy_split=None):
     """sha256 of what a prepared table is made from: the annotation files' bytes and the names
     of the photos on disk. prepare records it; a later run reuses prepared data only when the
     fingerprint is the same, so an edited caption file or newly downloaded photos are never missed."""
+    if not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"data folder not found: {data_dir}")
     files, folders = get_dataset(dataset).sources(data_dir, karpathy_split)
     digest = hashlib.sha256()
     for path in sorted(map(Path, files)):
