@@ -153,8 +153,11 @@ def test_ctrl_c_says_what_was_kept_and_the_rerun_resumes(tiny, tmp_path):
     command = [sys.executable, "-m", "captioning", "train", "--dataset", "flickr8k", "--data-dir", str(data_dir),
                "--encoder", "mobilenet_v2", "--weights", "none", "--out", str(out), "--cache-dir", str(work),
                "--epochs", "6", "--self-critical-epochs", "0"]
+    # A shell that starts the suite in the background makes it ignore SIGINT, and children inherit
+    # that; the child gets the terminal's default back, as a command typed at a prompt has it.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                               env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1"))
+                               env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1"),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in process.stdout:  # Keras logs each epoch as "Epoch N/6"; three more give the signal time to land
         seen.append(line)
