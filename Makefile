@@ -18,6 +18,8 @@ WEIGHTS ?= imagenet
 DOWNLOAD ?= 1
 SUBSET ?= 2000
 RUNS ?= runs
+# `make test` runs the suite on this many processes (pytest-xdist); 1 runs it in one.
+TEST_WORKERS ?= 2
 # Where COCO is downloaded from: the official server or a mirror with its layout
 # (a proxy, a class's own copy). The environment variable CAPTIONING_COCO_URL works too.
 COCO_URL ?= $(or $(CAPTIONING_COCO_URL),http://images.cocodataset.org)
@@ -62,7 +64,7 @@ solutions: setup
 	@CAPTIONING_COCO_URL=$(COCO_URL) $(PY) scripts/run_notebooks.py $(NOTEBOOK_SETTINGS) --solutions-only
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks

@@ -162,3 +162,33 @@ def offline_demo(flickr8k_small_dir, mobilenet_weights, tmp_path_factory):
     work_dir, runs = root / "work", root / "runs"
     result = shell(command, REPO, {"WORK_DIR": str(work_dir), "RUNS": str(runs), "PARAMS": CI_PARAMS}, timeout=3600)
     return SimpleNamespace(command=command, result=result, work_dir=work_dir, runs=runs)
+
+
+# --- running the suite on two workers (pytest-xdist, `make test`) -------------------------------
+# Tests that share an expensive session fixture must run in one worker, or each worker would build
+# it again; the rest go by file, so that module fixtures are built once. The longest units go first,
+# so that neither worker is left with one of them at the end while the other idles.
+SHARED_FIXTURE_GROUPS = {"offline_demo": "offline-demo", "flickr8k_bundle": "flickr8k-work",
+                         "flickr8k_work_dir": "flickr8k-work"}
+LONGEST_FIRST = ["offline-demo", "coco-demo", "test_readme.py", "flickr8k-work", "test_multi_worker.py",
+                 "test_faults.py", "test_attention.py"]
+
+
+def test_group(item):
+    """The xdist group of a test: its shared fixture's, its own for the default demo, else its file's."""
+    for fixture, group in SHARED_FIXTURE_GROUPS.items():
+        if fixture in item.fixturenames:
+            return group
+    if item.name.startswith("test_make_demo_with_its_defaults"):
+        return "coco-demo"
+    return item.path.name
+
+
+test_group.__test__ = False  # a helper, not a test
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(test_group(item)))
+    rank = {group: position for position, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(test_group(item), len(rank)))  # stable: file order otherwise
