@@ -187,6 +187,7 @@ def test_group(item):
 test_group.__test__ = False  # a helper, not a test
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         item.add_marker(pytest.mark.xdist_group(test_group(item)))
