@@ -158,7 +158,7 @@ def main(argv=None):
     print(f"batched beam-{BEAM}, {len(few)} images:  {batched_few_rate:8.1f} captions/s")
     print(f"per-image loop, {len(few)} images:       {loop_rate:8.2f} captions/s")
     print(f"speed-up on the same {len(few)} images: {batched_few_rate / loop_rate:.0f}x")
-    # The cost of the repeat ban (no_repeat_ngram=2, the cpu-small preset's): both
+    # The cost of the repeat ban (no_repeat_ngram=2, an option of beam search): both
     # ways alternately, three times each, on all the images; medians compared.
     seconds = {0: [], 2: []}
     for _ in range(3):

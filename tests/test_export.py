@@ -27,10 +27,10 @@ from captioning.encoders import build_encoder, build_encoder_like, encode_images
 from conftest import run_cli  # noqa: E402
 from test_training import synthetic_vocab  # noqa: E402
 
-PRESET = {"length_alpha": 1.0, "no_repeat_ngram": 2}  # the cpu-small preset's decoding
+WITH_BAN = {"length_alpha": 1.0, "no_repeat_ngram": 2}  # the ban on: the graph must apply it as beam_search does
 
 
-def untrained_captioner(arch, feature_shape, decoding=PRESET, encoder=None, features=None):
+def untrained_captioner(arch, feature_shape, decoding=WITH_BAN, encoder=None, features=None):
     """A captioner with random weights and sharpened logits, so that its beams differ. Given
     `features`, its <end> logit is raised until its greedy captions of them have the most
     different lengths: some end at <end> early, some run to max_length."""
@@ -54,7 +54,7 @@ def untrained_captioner(arch, feature_shape, decoding=PRESET, encoder=None, feat
 
 # --- the graph's beam search is decoding.beam_search ------------------------------------
 
-SETTINGS = [(3, PRESET), (1, PRESET), (5, {"length_alpha": 0.7, "no_repeat_ngram": 1}),
+SETTINGS = [(3, WITH_BAN), (1, WITH_BAN), (5, {"length_alpha": 0.7, "no_repeat_ngram": 1}),
             (2, {"length_alpha": 0.0, "no_repeat_ngram": 3}), (4, {"length_alpha": 2.0, "no_repeat_ngram": 0})]
 
 
@@ -103,7 +103,7 @@ def test_an_attention_bundle_exports_and_captions_photo_bytes_as_caption_images(
     bundle = save_bundle(tmp_path / "bundle", captioner.model, captioner.vocab, captioner.settings)
     out = export.export_bundle(bundle, tmp_path / "exported")
     record = json.loads((out / export.MARKER).read_text())
-    assert record["format"] == "savedmodel" and record["beam_width"] == 3 and record["decoding"] == PRESET
+    assert record["format"] == "savedmodel" and record["beam_width"] == 3 and record["decoding"] == WITH_BAN
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no staging left behind
 
     paths = photos(tmp_path)
