@@ -255,7 +255,9 @@ def test_evaluate_cli_on_flickr8k_dev(flickr8k_bundle, flickr8k_small_dir, flick
     assert metrics["bleu_nltk"]["BLEU-1"] == pytest.approx(metrics["coco"]["BLEU-1"], rel=0.05)
     assert json.loads((out / "metrics.json").read_text())["coco"] == metrics["coco"]
     intervals = metrics["intervals"]
-    assert intervals["CIDEr"][0] < metrics["coco"]["CIDEr"] < intervals["CIDEr"][1]
+    # A two-epoch model may write one caption of "a a a ..." for every photo: CIDEr-D 0 and an interval
+    # [0, 0]. The interval must hold the score; that it has a width is tested on known scores above.
+    assert intervals["CIDEr"][0] <= metrics["coco"]["CIDEr"] <= intervals["CIDEr"][1]
     assert intervals["BLEU-4"][0] <= metrics["bleu_nltk"]["BLEU-4"] <= intervals["BLEU-4"][1]
     captions = json.loads((out / "captions.json").read_text())
     assert len(captions) == 30 and len({entry["id"] for entry in captions}) == 30
