@@ -24,7 +24,7 @@ its course, and nothing is chosen on a hundred noisy validation images. With
 `average_last=K` the model ends with the *mean* of the last K epochs' weights
 (they all start from the same teacher-forced model and move little, so their
 mean is a model of the same basin: Izmailov et al. 2018, "Averaging weights
-leads to wider optima"); over five seeds that gained nothing measurable here
+leads to wider optima"); over eight seeds that gained nothing measurable here
 (docs/experiments.md). Either way the kept weights' validation score is
 reported, not used to choose; a large drop below the starting weights means
 the learning rate is too high, and the log says so. `average_last=0` keeps the

@@ -32,7 +32,7 @@ from captioning.vocab import PAD_ID  # noqa: E402
 # regularised (dropout, word dropout). Each value was chosen by CIDEr-D on
 # held-out images; docs/experiments.md records what was tried, kept and dropped.
 # Weight averaging (self_critical_average > 1) and the repeat ban (no_repeat_ngram)
-# stay options: over five seeds neither gained more than the seed spread, so the
+# stay options: over eight seeds neither gained more than the seed spread, so the
 # default keeps the last fine-tuning epoch and lets beam search repeat words.
 # `gpu-full` is for COCO (~118k images) on a GPU; its values are untested here.
 PRESETS = {
