@@ -8,7 +8,7 @@ bytes to the caption string, as one TensorFlow graph:
                 a 1-D tf.string batch of encoded photos (JPEG, PNG, GIF, BMP)
                 and returns {"captions": tf.string, "scores": tf.float32}.
                 In the graph: decoding and resizing the photo exactly as
-                images.py does, the encoder CNN (mirror averaging included),
+                images.py does, the encoder CNN (and its mirror averaging, if used),
                 the decoder, beam search in a tf.while_loop with the
                 bundle's decoding settings, and the vocabulary. Plain
                 TensorFlow loads it: tf.saved_model.load(DIR).signatures[

@@ -359,13 +359,14 @@ def _encoder_settings(encoder, weights, pooling, mirror):
     return built.settings(), built
 
 
-def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet", pooling="avg", mirror=True,
+def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet", pooling="avg", mirror=None,
                    batch_size=32, shard=None, progress=True, chunk_size=None):
     """Encode every image once into the store at `out_dir`, keeping whatever is already there
     for photos that did not change, and resuming an unfinished run.
 
     `images`: a DataFrame with image_id/image_path columns or a dict id -> path.
-    `encoder`: a name (built with `weights`, `pooling` and `mirror`) or an Encoder already built.
+    `encoder`: a name (built with `weights`, `pooling` and `mirror`, None: encoders.MIRROR) or an Encoder
+    already built.
     `shard=(i, n)`: only this machine's share, to be combined with merge_shards.
     `chunk_size`: images per checkpoint (default: 4 batches; keep it a multiple of batch_size).
     Returns a CacheReport (`computed`: how many photos this call encoded); read the store with
@@ -375,6 +376,7 @@ def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet
 
     from captioning import encoders
 
+    mirror = encoders.MIRROR if mirror is None else mirror
     entries = _image_table(images)
     if shard is not None:
         shard = [int(shard[0]), int(shard[1])]
