@@ -14,8 +14,11 @@ files instead, rather than failing inside notebook 01 or 02 minutes later.
 """
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +36,30 @@ def notebook_paths(only=None, folder=NOTEBOOKS):
     return paths
 
 
+def _kernel_manager():
+    """Jupyter's kernel manager, talking to the kernel over Unix sockets (IPC) in a private
+    temporary folder: no port open to the network, so the kernel does not warn, in every run's
+    output, that its TCP traffic is unencrypted. Jupyter's default (TCP) where there are no Unix
+    sockets (Windows) or where the socket paths would pass their limit of 104 bytes."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum, default
+
+    longest = os.path.join(tempfile.gettempdir(), "kernel-xxxxxxxx", "ipc-65535")
+    if os.name != "posix" or len(os.fsencode(longest)) >= 104:
+        return AsyncKernelManager
+
+    class LocalKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc")
+
+        @default("ip")
+        def _socket_prefix(self):  # Jupyter's default is relative: sockets in the notebook's folder
+            folder = tempfile.mkdtemp(prefix="kernel-")  # 0700: this user's only
+            atexit.register(shutil.rmtree, folder, True)
+            return os.path.join(folder, "ipc")
+
+    return LocalKernelManager
+
+
 def _execute(paths, parameters, out_dir, cwd, label, log):
     """Run `paths` one after the other in `cwd`; log each wall time and the total."""
     import papermill
@@ -47,7 +74,7 @@ def _execute(paths, parameters, out_dir, cwd, label, log):
         start = time.perf_counter()
         papermill.execute_notebook(
             str(path), str(output), parameters=chosen, cwd=str(cwd),
-            kernel_name="python3", progress_bar=False, log_output=False,
+            kernel_name="python3", progress_bar=False, log_output=False, kernel_manager_class=_kernel_manager(),
         )
         times.append((path.name, time.perf_counter() - start))
         log(f"  {path.name}: {times[-1][1]:.0f} s -> {output}")

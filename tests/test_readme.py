@@ -192,6 +192,7 @@ def test_offline_block_runs_the_six_notebooks_on_flickr8k(offline_demo):
     result = ok(offline_demo.result)
     executed = assert_taught(offline_demo.runs)
     assert "total" in result.stdout
+    assert "Kernel is running over TCP" not in result.stdout + result.stderr  # local sockets: no network noise
     assert "650 captions of 130 images" in notebook_text(executed[1])
 
 
