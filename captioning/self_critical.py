@@ -38,7 +38,7 @@ import numpy as np
 
 from captioning.architectures import make_step_decoder
 from captioning.decoding import beam_search, sample_decode
-from captioning.evaluation import cider_d
+from captioning.evaluation import CiderD, cider_d
 from captioning.training import compile_captioner, gather_features, make_dataset
 
 
@@ -147,11 +147,11 @@ def _fine_tune(model, vocab, train_features, train_references, val_features, val
     if validating:
         log(f"self-critical: validation CIDEr-D {best:.4f} before fine-tuning")
     image_rows = np.repeat(np.arange(len(train_features)), samples)
-    references = [refs for refs in train_references for _ in range(samples)]
+    reward = CiderD([refs for refs in train_references for _ in range(samples)])  # the references' statistics, once
 
     for epoch in range(epochs):
         rows = _sample(decoder, vocab, train_features, samples, seed=(seed * 1000 + epoch) * 100_000)
-        rewards = cider_d(references, _captions(vocab, rows))
+        rewards = reward.scores(_captions(vocab, rows))
         per_image = rewards.reshape(-1, samples)
         baseline = (per_image.sum(axis=1, keepdims=True) - per_image) / (samples - 1)
         advantage = (per_image - baseline).reshape(-1)

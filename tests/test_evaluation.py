@@ -130,6 +130,36 @@ def test_cider_d_hand_value_and_ordering():
     assert 0 < close_score["ROUGE_L"] <= 1
 
 
+def test_cider_d_scorer_gives_the_toolkits_scores_to_the_last_bit():
+    # The self-critical reward keeps the references' statistics (CiderD) across epochs; it must
+    # score what pycocoevalcap's Cider scores, exactly: repeated reference lists (five samples
+    # per image), an empty candidate, candidates that share nothing with their references.
+    import random
+
+    import numpy as np
+    from pycocoevalcap.cider.cider import Cider
+
+    words = "a the dog man runs on grass two in of red shirt ball water boy girl".split()
+    draw = random.Random(7)
+
+    def sentence():
+        return " ".join(draw.choice(words) for _ in range(draw.randint(1, 14)))
+
+    references = [[sentence() for _ in range(5)] for _ in range(60)]
+    repeated = [refs for refs in references for _ in range(5)]
+    scorer = evaluation.CiderD(repeated)
+    for _ in range(2):  # the same scorer for a second set of candidates, as in a second epoch
+        candidates = [sentence() for _ in repeated]
+        candidates[3], candidates[7] = "", "kitchen oven"
+        toolkit = Cider().compute_score({i: refs for i, refs in enumerate(repeated)},
+                                        {i: [text or "<empty>"] for i, text in enumerate(candidates)})[1]
+        assert np.array_equal(scorer.scores(candidates), np.asarray(toolkit))
+        assert np.array_equal(evaluation.cider_d(repeated, candidates), np.asarray(toolkit))
+    with pytest.raises(ValueError, match="3 candidates for 300 reference lists"):
+        scorer.scores(["a dog"] * 3)
+    assert evaluation.cider_d([], []).shape == (0,)
+
+
 def test_spice_is_reported_unavailable_not_an_error():
     scores = coco_scores(REFERENCES, HYPOTHESES, meteor=False)
     assert scores["SPICE"] is None
