@@ -201,8 +201,8 @@ def _teacher_forcing(model, train_data, val_data, settings, run_dir, log):
 
 
 def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs=None, preset="cpu-small",
-                   cache_dir=None, karpathy_split=None, seed=0, strategy=None, overwrite=False, log=print,
-                   **overrides):
+                   cache_dir=None, karpathy_split=None, seed=0, strategy=None, overwrite=False, reuse=False,
+                   log=print, **overrides):
     """Prepare, cache features, train and save a bundle; what `python -m captioning train` runs.
 
     Trains on the dataset's training splits and early-stops on its validation
@@ -211,14 +211,18 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
     that reads grids (attention, notebook 06) has its own feature cache. The
     run works in OUT.partial and moves the finished bundle to `out_dir`; a
     trained bundle there is replaced only with overwrite=True, and only then.
-    An interrupted run, run again, resumes. Returns the bundle folder. Notebook 03.
+    An interrupted run, run again, resumes. With reuse=True, a bundle in
+    `out_dir` that this very run made (same architecture, settings, seed,
+    data, vocabulary and features: bundle.json "run") is returned as it is,
+    in seconds: a notebook cell run again retrains only what changed.
+    Returns the bundle folder. Notebook 03.
     """
     from captioning.bundle import save_bundle
     settings = preset_settings(preset, epochs=epochs, **overrides)
     pooling = architectures.pooling(arch)
     worker = _worker_id(strategy)
     if worker is None:
-        out_dir, staging = _bundle_folder(out_dir, overwrite)
+        out_dir, staging = _bundle_folder(out_dir, overwrite or reuse)
     else:  # another worker of a cluster: same work, its own scratch folder, the chief writes the bundle
         out_dir = Path(out_dir)
         staging = writable_folder(out_dir.with_name(f"{out_dir.name}.worker-{worker}.partial"), "output folder")
@@ -235,6 +239,19 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
     log(f"training on {len(train_arrays[1])} captions, validating on {len(val_arrays[1])} "
         f"({'/'.join(val_splits)}); vocabulary {len(prepared.vocab)} words")
 
+    run = {"arch": arch, "dataset": dataset, "settings": settings, "seed": seed,
+           "encoder": store.manifest["weights_id"], "vocabulary": prepared.vocab.fingerprint,
+           "features": store.manifest.get("images_sha256")}
+    if worker is None and reuse and (out_dir / "bundle.json").is_file():
+        same = read_json(out_dir / "bundle.json", "bundle settings").get("run") == run
+        if (same or not overwrite) and not any(staging.iterdir()):
+            staging.rmdir()  # made by _bundle_folder, and this call trains nothing
+        if same:
+            log(f"reusing {out_dir}: trained before with these settings and data")
+            return out_dir
+        if not overwrite:
+            raise ValueError(f"{out_dir} holds a bundle trained with other settings or data: choose another output "
+                             "folder, or pass --overwrite (overwrite=True) to replace it once the new one is complete")
     keras.utils.set_random_seed(seed)
     batch = settings["batch_size"]
     train_data = make_dataset(*train_arrays, batch_size=batch, seed=seed)
@@ -244,9 +261,7 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
                                               max_length=prepared.vocab.max_length,
                                               **{key: settings[key] for key in MODEL_KEYS})
     run_dir = staging / "training"
-    _same_run_or_start_over(run_dir, {"arch": arch, "dataset": dataset, "settings": settings, "seed": seed,
-                                      "encoder": store.manifest["weights_id"], "vocabulary": prepared.vocab.fingerprint,
-                                      "features": store.manifest.get("images_sha256")}, log)
+    _same_run_or_start_over(run_dir, run, log)
     started = time.perf_counter()
     _teacher_forcing(model, train_data, val_data, settings, run_dir, log)
     metrics = history_metrics(read_history(run_dir), time.perf_counter() - started)
@@ -259,7 +274,7 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
         log(f"worker {worker} done; the chief writes the bundle to {out_dir}")
         return out_dir
     save_bundle(staging, model, prepared.vocab, bundle_settings(
-        arch, dataset, store, settings, metrics, preset=preset, seed=seed,
+        arch, dataset, store, settings, metrics, preset=preset, seed=seed, run=run,
         train_splits=list(train_splits), validation_splits=list(val_splits)))
     for leftover in ("best.keras", "teacher_forced.weights.h5"):  # model.keras holds the weights now
         (run_dir / leftover).unlink(missing_ok=True)

@@ -109,6 +109,28 @@ def test_overwrite_replaces_the_bundle_only_when_the_new_one_is_complete(tiny, t
     assert not copy.with_name("bundle.partial").exists() and not copy.with_name("bundle.old").exists()
 
 
+def test_a_rerun_with_the_same_settings_reuses_the_bundle_and_a_changed_one_retrains(tiny, tmp_path):
+    # What notebooks 05 and 06 do when a cell runs again: reuse=True.
+    from captioning.pipeline import train_pipeline
+    data_dir, work, bundle = tiny
+    copy = tmp_path / "bundle"
+    subprocess.run(["cp", "-a", str(bundle), str(copy)], check=True)
+    before, said = folder_digest(copy), []
+    options = dict(encoder="mobilenet_v2", weights="none", arch="merge", out_dir=copy, cache_dir=work, epochs=2,
+                   self_critical_epochs=0, reuse=True, log=said.append)
+    # The `train` command made it with these very settings: nothing is trained again.
+    assert train_pipeline("flickr8k", data_dir, **options) == copy
+    assert folder_digest(copy) == before and any(line.startswith(f"reusing {copy}") for line in said)
+    assert not copy.with_name("bundle.partial").exists()
+    # Another seed is another model: refused without overwrite, trained with it.
+    with pytest.raises(ValueError, match="other settings or data.*--overwrite"):
+        train_pipeline("flickr8k", data_dir, seed=1, **options)
+    assert folder_digest(copy) == before and not copy.with_name("bundle.partial").exists()
+    train_pipeline("flickr8k", data_dir, seed=1, overwrite=True, **options)
+    record = json.loads((copy / "bundle.json").read_text())
+    assert record["seed"] == record["run"]["seed"] == 1 and folder_digest(copy) != before
+
+
 def run_limited(arguments, file_size):
     """`python -m captioning ...` with every file it writes limited to `file_size` bytes: a
     full disk, as far as the program can tell (writes fail with EFBIG)."""
