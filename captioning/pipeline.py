@@ -77,6 +77,17 @@ def _feature_store(images, features_dir, encoder, weights, pooling, log):
     return FeatureStore.open(features_dir)
 
 
+def prepared_settings(cache_dir, dataset):
+    """{min_count, max_length} of the prepared data in the work folder: what notebook 01 chose.
+    Notebooks 03, 05 and 06 pass them on to the preset, so that a change made in notebook 01 is
+    trained with, not prepared over again with the preset's values. {} when nothing is prepared."""
+    try:
+        vocabulary = load_prepared(work_paths(cache_dir, dataset)["prepared"]).report.get("vocabulary", {})
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {key: vocabulary[key] for key in ("min_count", "max_length") if vocabulary.get(key) is not None}
+
+
 def caption_arrays(captions, splits, store, vocab):
     """(store, rows, sequences) for make_dataset: the captions of `splits` whose image is in
     the feature store, each with its image's row in the store, encoded with `vocab`

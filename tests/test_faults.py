@@ -131,6 +131,25 @@ def test_a_rerun_with_the_same_settings_reuses_the_bundle_and_a_changed_one_retr
     assert record["seed"] == record["run"]["seed"] == 1 and folder_digest(copy) != before
 
 
+def test_the_vocabulary_settings_of_notebook_01_flow_to_the_training_of_later_notebooks(tiny, tmp_path):
+    # Notebook 01 prepares with its own min_count / max_length; 03, 05 and 06 pass
+    # prepared_settings(...) on, so training uses that prepared data instead of preparing over it.
+    from captioning.fileio import work_paths
+    from captioning.pipeline import prepared_settings, train_pipeline
+    data_dir, _, _ = tiny
+    work = tmp_path / "work"
+    assert prepared_settings(work, "flickr8k") == {}
+    data.prepare("flickr8k", data_dir, work_paths(work, "flickr8k")["prepared"], min_count=1, max_length=6)
+    assert prepared_settings(work, "flickr8k") == {"min_count": 1, "max_length": 6}
+    said = []
+    bundle = train_pipeline("flickr8k", data_dir, encoder="mobilenet_v2", weights="none", arch="merge",
+                            out_dir=tmp_path / "bundle", cache_dir=work, epochs=1, self_critical_epochs=0,
+                            log=said.append, **prepared_settings(work, "flickr8k"))
+    assert any(line.startswith("reusing prepared data") for line in said), said
+    record = json.loads((bundle / "bundle.json").read_text())
+    assert record["max_length"] == 6 and record["training"]["min_count"] == 1
+
+
 def run_limited(arguments, file_size):
     """`python -m captioning ...` with every file it writes limited to `file_size` bytes: a
     full disk, as far as the program can tell (writes fail with EFBIG)."""
