@@ -178,6 +178,6 @@ def work_paths(work_dir, dataset, encoder=None, pooling="avg", arch=None):
     paths = {"prepared": work_dir / "prepared" / dataset}
     if encoder is not None:
         paths["features"] = work_dir / "features" / f"{dataset}-{encoder}-{pooling}"
-    if arch is not None:
-        paths["bundle"] = work_dir / "bundles" / f"{dataset}-{arch}"
+    if arch is not None:  # a bundle is named by what it is: its data, its encoder and its architecture
+        paths["bundle"] = work_dir / "bundles" / "-".join(part for part in (dataset, encoder, arch) if part)
     return paths

@@ -81,6 +81,52 @@ def imported_names_rebound(path):
             for name, kind, where in bindings if name in imported and kind != "import"]
 
 
+class _ParameterBindings(_TopLevelBindings):
+    """As _TopLevelBindings, but an assignment that reads the name it binds (`work_dir = Path(work_dir)`,
+    `split = split or "dev"`) refines a parameter rather than replacing it, and is not recorded."""
+
+    def visit_Assign(self, node):
+        reads = {child.id for child in ast.walk(node.value) if isinstance(child, ast.Name)}
+        for target in node.targets:
+            for child in ast.walk(target):
+                if isinstance(child, ast.Name) and child.id not in reads:
+                    self.found.append((child.id, "assignment", node.lineno))
+        self.visit(node.value)
+
+
+def parameters_rebound(path):
+    """Every place after the parameters cell where a notebook binds a parameter's name anew: a loop
+    `for arch in ...` would silently replace the `arch` a learner (or `make demo PARAMS=...`) set."""
+    parameters, problems = None, []
+    for index, tags, source in _code_cells(path):
+        if "parameters" in tags:
+            parameters = {name for name, _, _ in _top_level_bindings(source)}
+            continue
+        if parameters is None:
+            continue
+        visitor = _ParameterBindings()
+        visitor.visit(ast.parse(source))
+        problems += [f"{path.name}: cell {index}, line {line} binds the parameter {name!r} ({kind})"
+                     for name, kind, line in visitor.found if name in parameters]
+    return problems
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name[:2])
+def test_no_cell_replaces_a_parameter(path):
+    assert parameters_rebound(path) == []
+
+
+def test_the_check_finds_a_loop_that_replaces_a_parameter(tmp_path):
+    notebook = {"cells": [
+        {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": ["arch = 'merge'\n", "split = ''\n"]},
+        {"cell_type": "code", "metadata": {}, "source": ["split = split or 'dev'\n", "for arch in ('a', 'b'):\n",
+                                                         "    pass\n"]},
+    ]}
+    path = tmp_path / "99_example.ipynb"
+    path.write_text(json.dumps(notebook))
+    assert parameters_rebound(path) == ["99_example.ipynb: cell 1, line 2 binds the parameter 'arch' (assignment)"]
+
+
 def test_there_are_six_notebooks():
     assert [path.name[:2] for path in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
 

@@ -149,7 +149,7 @@ def test_make_demo_with_its_defaults_downloads_trains_captions_and_resumes(coco_
 
     # The bundle notebook 03 trained captions new photos from the command line.
     photos = sorted((data_dir / "val2017").glob("*.jpg"))[:2]
-    captioned = ok(shell(f"python -m captioning caption --model {work_dir / 'bundles' / 'coco-merge'} "
+    captioned = ok(shell(f"python -m captioning caption --model {work_dir / 'bundles' / 'coco-inception_v3-merge'} "
                          + " ".join(map(str, photos)), tmp_path))
     lines = captioned.stdout.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(photo) for photo in photos]
@@ -203,7 +203,7 @@ def test_notebook_03_saves_the_bundle_train_saves(offline_demo, flickr8k_bundle)
     from captioning.training import preset_settings
 
     ok(offline_demo.result)
-    notebook = json.loads((offline_demo.work_dir / "bundles" / "flickr8k-merge" / "bundle.json").read_text())
+    notebook = json.loads((offline_demo.work_dir / "bundles" / "flickr8k-mobilenet_v2-merge" / "bundle.json").read_text())
     command_line = json.loads((flickr8k_bundle / "bundle.json").read_text())
     assert notebook["training"] == command_line["training"] == preset_settings("cpu-small", epochs=CI_EPOCHS)
     assert notebook["decoding"] == {"length_alpha": 1.0, "no_repeat_ngram": 0} == command_line["decoding"]
@@ -215,7 +215,7 @@ def test_notebook_03_saves_the_bundle_train_saves(offline_demo, flickr8k_bundle)
     assert next(timeless) == next(timeless)  # every epoch's losses, fine-tuning's scores, the distinct captions
     from captioning.bundle import Captioner
     weights = [Captioner.load(folder).model.get_weights()
-               for folder in (offline_demo.work_dir / "bundles" / "flickr8k-merge", flickr8k_bundle)]
+               for folder in (offline_demo.work_dir / "bundles" / "flickr8k-mobilenet_v2-merge", flickr8k_bundle)]
     assert all((a == b).all() for a, b in zip(*weights, strict=True))  # bit-identical
     # Without PARAMS the notebook's parameters are the preset's: None means "as train does".
     cells = json.loads((REPO / "notebooks" / "03_training.ipynb").read_text())["cells"]
