@@ -11,7 +11,10 @@ The table ENCODERS lists each network with the input size and
 preprocessing silently hurts quality):
 
     inception_v3   299 px, 2048-d pooled or an 8x8x2048 grid     (the default; ~6 GFLOPs)
-    mobilenet_v2   320 px, 1280-d pooled or a 10x10x1280 grid  (~3.5x faster on a laptop CPU)
+    mobilenet_v2   320 px, 1280-d pooled or a 10x10x1280 grid
+
+MobileNetV2 at 320 px encodes about 2.9 times as fast as InceptionV3 on a 2-core CPU
+(benchmarks/encoders.py measures it; benchmarks/README.md has the run).
 
 MobileNetV2 learned ImageNet from 224 px photos, but it is all convolutions,
 so it reads a larger photo as well, and on the Flickr8k sample the finer
