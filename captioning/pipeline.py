@@ -120,6 +120,15 @@ def bundle_settings(arch, dataset, store, settings, metrics, **extra):
             **extra}
 
 
+def run_identity(arch, dataset, settings, seed, store, vocab):
+    """What makes one training run's model what it is: bundle.json "run". A run with the same
+    identity trains the same model, so train_pipeline(reuse=True) returns its bundle as it is, and
+    an interrupted run resumes only into the same one. Notebook 03 records it as `train` does."""
+    return {"arch": arch, "dataset": dataset, "settings": settings, "seed": seed,
+            "encoder": store.manifest["weights_id"], "vocabulary": vocab.fingerprint,
+            "features": store.manifest.get("images_sha256")}
+
+
 def distinct_captions(model, vocab, val_arrays, settings, log):
     """Caption the validation photos once and say how many different captions that gave: a
     model that says the same thing about every photo is caught here, not by a user later
@@ -250,9 +259,7 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
     log(f"training on {len(train_arrays[1])} captions, validating on {len(val_arrays[1])} "
         f"({'/'.join(val_splits)}); vocabulary {len(prepared.vocab)} words")
 
-    run = {"arch": arch, "dataset": dataset, "settings": settings, "seed": seed,
-           "encoder": store.manifest["weights_id"], "vocabulary": prepared.vocab.fingerprint,
-           "features": store.manifest.get("images_sha256")}
+    run = run_identity(arch, dataset, settings, seed, store, prepared.vocab)
     if worker is None and reuse and (out_dir / "bundle.json").is_file():
         same = read_json(out_dir / "bundle.json", "bundle settings").get("run") == run
         if (same or not overwrite) and not any(staging.iterdir()):

@@ -105,6 +105,57 @@ def run(parameters, out_dir, only=None, log=print, solutions=False, course=True)
     return executed
 
 
+def check_settings(parameters, only=None):
+    """None if the run's settings name notebooks and parameters that exist, with values of the right
+    kind; otherwise the message to print. Checked before any notebook runs: a typo in NOTEBOOKS or
+    PARAMS must not cost the notebooks before the one it breaks (or run nothing and exit 0)."""
+    import ast
+    import difflib
+
+    import papermill
+
+    from captioning.architectures import ARCHITECTURES
+    from captioning.data import DATASETS
+    from captioning.encoders import ENCODERS
+    from captioning.training import PRESETS
+
+    prefixes = [path.name[:2] for path in notebook_paths()]
+    unknown = [name for name in (only or []) if name not in prefixes]
+    if unknown or (only is not None and not only):
+        return (f"NOTEBOOKS={','.join(only)}: no notebook {', '.join(unknown) or '(empty)'}; name them by their two "
+                f"digits, comma-separated, from {','.join(prefixes)} (e.g. NOTEBOOKS=01,02)")
+    declared = {}  # every notebook's parameters, not only those that run: a name none has is a typo
+    for path in notebook_paths() + notebook_paths(folder=SOLUTIONS):
+        for name, spec in papermill.inspect_notebook(str(path)).items():
+            declared.setdefault(name, spec["default"])
+    for name, value in parameters.items():
+        if name not in declared:
+            if name in ("dataset", "data_dir", "work_dir", "encoder", "weights", "download", "subset_size"):
+                continue  # make demo's own settings: passed to whichever notebooks declare them
+            close = difflib.get_close_matches(name, declared, n=1)
+            return (f"PARAMS: no notebook has a parameter {name!r}"
+                    + (f" (did you mean {close[0]!r}?)" if close else "")
+                    + f"; the notebooks' parameters: {', '.join(sorted(declared))}")
+        try:
+            default = ast.literal_eval(declared[name])
+        except (ValueError, SyntaxError):
+            continue
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        expected = ("a whole number" if isinstance(default, int) and not isinstance(default, bool) and
+                    not (isinstance(value, int) and not isinstance(value, bool)) else
+                    "a number" if isinstance(default, float) and not numeric else
+                    "True or False" if isinstance(default, bool) and not isinstance(value, bool) else
+                    "text" if isinstance(default, str) and not isinstance(value, str) else
+                    "a number or None" if default is None and not (numeric or value is None) else None)
+        if expected:
+            return f"PARAMS: {name}={value!r} should be {expected} (the notebooks' default is {declared[name]})"
+    choices = {"dataset": DATASETS, "encoder": ENCODERS, "preset": PRESETS, "arch": ARCHITECTURES}
+    for name, table in choices.items():
+        if name in parameters and parameters[name] not in table:
+            return f"{name} {parameters[name]!r} is not one of {', '.join(table)}"
+    return None
+
+
 def _keras_weights_missing(encoder):
     """True when Keras would have to download `encoder`'s ImageNet weights (not in its cache)."""
     from captioning.encoders import ENCODERS
@@ -180,9 +231,10 @@ def main(argv=None):
             parameters[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             parameters[name] = value
-    only = args.only.split(",") if args.only else None
+    only = args.only.split(",") if args.only is not None else None
     course = not args.solutions_only
-    problem = preflight(parameters, only if course else [])  # the solutions download nothing but weights
+    problem = check_settings(parameters, only) or \
+        preflight(parameters, only if course else [])  # the solutions download nothing but weights
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
