@@ -86,7 +86,7 @@ class Captioner:
         if not bundle_dir.is_dir():
             raise FileNotFoundError(f"bundle folder not found: {bundle_dir}")
         settings_file = bundle_dir / "bundle.json"
-        settings = read_json(settings_file, "bundle settings")
+        settings = read_json(settings_file, "bundle settings", kind=dict)
         missing = [key for key in REQUIRED if key not in settings]
         if missing:
             raise ValueError(f"{settings_file}: missing field(s) {missing}")

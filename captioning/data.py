@@ -454,7 +454,7 @@ def load_prepared(out_dir):
     if not report_file.is_file():
         raise FileNotFoundError(f"no prepared data in {out_dir} (report.json missing): run notebook 01 "
                                 "or `python -m captioning prepare` first")
-    report = read_json(report_file, "prepared-data report")
+    report = read_json(report_file, "prepared-data report", kind=dict)
     vocab = Vocabulary.load(out_dir / "vocabulary.json")
     csv_file = out_dir / "captions.csv"
     if not csv_file.is_file():

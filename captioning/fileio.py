@@ -87,18 +87,24 @@ def printable(name):
         return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def read_json(path, what="JSON file"):
-    """Read a JSON file, turning every failure into a ValueError that names the file."""
+def read_json(path, what="JSON file", kind=None):
+    """Read a JSON file, turning every failure into a ValueError that names the file. With
+    kind=dict (or list), valid JSON of another shape (`[]`, `"text"`, `3`) is refused too."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+            data = json.load(handle)
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: {what} is not valid UTF-8 text ({error})") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: {what} is not valid JSON: {error}") from None
+    if kind is not None and not isinstance(data, kind):
+        shape = {dict: "an object {...}", list: "a list [...]"}.get(kind, kind.__name__)
+        raise ValueError(f"{path}: {what} must be {shape}, not {type(data).__name__} JSON: restore the file, "
+                         "or make it again")
+    return data
 
 
 def safe_join(root, name, *, source="file name"):
@@ -111,7 +117,7 @@ def safe_join(root, name, *, source="file name"):
     root = Path(root)
     name = str(name)
     candidate = Path(name)
-    if not name or candidate.is_absolute() or ".." in candidate.parts or "\\" in name:
+    if not name or candidate.is_absolute() or ".." in candidate.parts or "\\" in name or "\x00" in name:
         raise ValueError(f"refusing unsafe {source} {name!r}: it must be a plain relative name inside {root}")
     # The name is checked, not where links lead: a link the user put in their own
     # data folder (a photo collection kept elsewhere) is theirs to follow.

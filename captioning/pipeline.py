@@ -261,7 +261,7 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
 
     run = run_identity(arch, dataset, settings, seed, store, prepared.vocab)
     if worker is None and reuse and (out_dir / "bundle.json").is_file():
-        same = read_json(out_dir / "bundle.json", "bundle settings").get("run") == run
+        same = read_json(out_dir / "bundle.json", "bundle settings", kind=dict).get("run") == run
         if (same or not overwrite) and not any(staging.iterdir()):
             staging.rmdir()  # made by _bundle_folder, and this call trains nothing
         if same:

@@ -82,6 +82,10 @@ def test_missing_or_broken_files_are_clear_errors(bundle_dir, tmp_path):
     (bundle_dir / "model.keras").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="model.keras"):
         Captioner.load(bundle_dir)
+    for valid_but_not_an_object in ("[]", '"merge"', "3"):  # JSON, but not bundle settings: named, not a TypeError
+        (bundle_dir / "bundle.json").write_text(valid_but_not_an_object)
+        with pytest.raises(ValueError, match=r"bundle.json: bundle settings must be an object \{...\}, not"):
+            Captioner.load(bundle_dir)
     (bundle_dir / "bundle.json").unlink()
     with pytest.raises(FileNotFoundError, match="bundle.json"):
         Captioner.load(bundle_dir)

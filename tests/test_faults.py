@@ -257,6 +257,7 @@ def test_an_edited_annotation_file_is_prepared_again(tmp_path):
      r"annotations\[0\].image_id 7 is not in 'images'"),
     ([{"id": [1], "file_name": "a.jpg"}], [], r"images\[0\].id must be an integer"),
     ([{"id": 1, "file_name": 5}], [], r"images\[0\].file_name must be text"),
+    ([{"id": 1, "file_name": "a\x00.jpg"}], [], r"unsafe file name in .*images\[0\]\.file_name 'a\\x00\.jpg'"),
 ])
 def test_annotation_integrity_names_the_entry_and_the_field(tmp_path, images, annotations, message):
     path = tmp_path / "annotations" / "captions_val2017.json"

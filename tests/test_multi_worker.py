@@ -122,3 +122,23 @@ def test_features_cached_by_two_processes_merge_into_one_process_s_store(flickr8
     assert names == sorted(path.name for path in two.iterdir() if path.is_file()) and "features.npy" in names
     for name in names:  # the very same bytes
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("config, message", [
+    ("{cluster: x}", "is not JSON"),
+    ('["worker"]', "must be a JSON object"),
+    ('{"cluster": {"worker": ["host1"]}, "task": {"type": "worker", "index": 0}}', '"host:port" addresses'),
+    ('{"cluster": {"worker": ["127.0.0.1:1"]}}', 'needs "task"'),
+    ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "chief", "index": 0}}', 'needs "task"'),
+    ('{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 2}}',
+     '"index" must be 0 to 1'),
+])
+def test_a_malformed_tf_config_is_one_line_naming_the_variable(tmp_path, config, message):
+    result = subprocess.run([sys.executable, "-m", "captioning", "train", "--dataset", "flickr8k", "--data-dir",
+                             tmp_path, "--encoder", "mobilenet_v2", "--weights", "none", "--out", tmp_path / "out",
+                             "--distribute", "multi-worker"], capture_output=True, text=True, timeout=120, cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), TF_CONFIG=config))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert lines[0].startswith("error: the TF_CONFIG environment variable") and message in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
