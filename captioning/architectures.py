@@ -13,6 +13,12 @@ given as inputs: the decoding step, with the same trained layers found by
 name, so it works as well on a model reloaded from a .keras file. The model's
 name records its architecture. Nothing else in the package looks at
 architecture names: adding one is three functions and one `register` call.
+
+An architecture may add two more, for decoding only: `remember(layers, image)`
+-> the tensors computed from the image alone (attention: its projected regions
+and their attention keys), and `recall(layers, memory, words, states)`, its
+`wire` reading those instead of the image. The decoders then do that work once
+per image, not once per word and per beam or sample.
 """
 
 import dataclasses
@@ -32,6 +38,8 @@ class Architecture:
     start: Callable
     wire: Callable
     features: str = "pooled"  # what it reads: "pooled" (one vector per image) or "grid" (the CNN's regions)
+    remember: Callable = None  # decoding: image -> what every step needs of it, computed once (None: the image)
+    recall: Callable = None  # decoding: wire from what remember made (goes with remember)
 
 
 ARCHITECTURES = {
@@ -40,7 +48,8 @@ ARCHITECTURES = {
     "init-inject": Architecture(models.init_inject_layers, models.init_inject_start, models.read_from),
     "pre-inject": Architecture(models.pre_inject_layers, models.pre_inject_start, models.read_from),
     "attention": Architecture(attention.attention_layers, attention.attention_start, attention.attention,
-                              features="grid"),
+                              features="grid", remember=attention.attention_memory,
+                              recall=attention.attention_from_memory),
 }
 
 
@@ -48,6 +57,8 @@ def register(name, architecture):
     """Add an architecture to the table (tests/test_architectures.py adds one); returns it."""
     if not isinstance(architecture, Architecture) or architecture.features not in ("pooled", "grid"):
         raise ValueError(f"register {name!r} with an Architecture whose features are 'pooled' or 'grid'")
+    if (architecture.remember is None) != (architecture.recall is None):
+        raise ValueError(f"register {name!r} with both remember and recall, or neither")
     ARCHITECTURES[name] = architecture
     return architecture
 
@@ -112,9 +123,12 @@ class StepDecoder:
     `step(words, states, features)` feeds one word per row and returns the next
     word's log-probabilities and the new states; after each step,
     `last_attention` holds the weights over the grid (rows, L) for
-    architectures that attend, else None. Both are tf.functions with a fixed
-    input signature (batch dimension None): traced once, then one compiled call
-    each, whatever the batch size.
+    architectures that attend, else None. `remember(features)` does once what
+    every step needs of the images (an architecture's `remember`: attention's
+    regions and keys); `step` takes what it returns in place of the features,
+    and the decoders of decoding.py pass it so. All are tf.functions with a
+    fixed input signature (batch dimension None): traced once, then one
+    compiled call each, whatever the batch size.
     """
 
     def __init__(self, model):
@@ -129,22 +143,31 @@ class StepDecoder:
         image = keras.Input(self.image_shape, name="image")
         word = keras.Input((1,), dtype="int32", name="word")
         states = [keras.Input((size,), name=f"state_{i}") for i, size in enumerate(self.state_sizes)]
-        logits, new_states, *attention_weights = spec.wire(layers, image, word, states)
+        if spec.remember is None:  # every step reads the image itself
+            self._memory_model, memory = None, [image]
+            logits, new_states, *attention_weights = spec.wire(layers, image, word, states)
+        else:  # every step reads what was computed from the image once
+            parts = list(spec.remember(layers, image))
+            self._memory_model = keras.Model(image, parts, name="image_memory")
+            memory = [keras.Input(tuple(part.shape[1:]), name=f"memory_{i}") for i, part in enumerate(parts)]
+            logits, new_states, *attention_weights = spec.recall(layers, memory, word, states)
         self.attends = bool(attention_weights)
-        self._step_model = keras.Model([word, image, *states], [logits, *attention_weights, *new_states],
+        self._step_model = keras.Model([word, *memory, *states], [logits, *attention_weights, *new_states],
                                        name="decoding_step")
         first = spec.start(layers, image)
         self._start_model = keras.Model(image, first, name="start_state") if first is not None else None
 
         feature_spec = tf.TensorSpec((None, *self.image_shape), tf.float32)
+        memory_specs = [tf.TensorSpec((None, *part.shape[1:]), tf.float32) for part in memory]
         state_specs = [tf.TensorSpec((None, size), tf.float32) for size in self.state_sizes]
         # functools.partial, not the methods themselves: TensorFlow counts traces
         # per code object, shared by every decoder, and would warn about
         # "retracing" once a notebook has made a few decoders, although each of
         # them traces only once. A partial is counted on its own.
         self._initial = tf.function(functools.partial(self._initial_graph), input_signature=[feature_spec])
+        self._memory = tf.function(functools.partial(self._memory_graph), input_signature=[feature_spec])
         self._step = tf.function(functools.partial(self._step_graph),
-                                 input_signature=[tf.TensorSpec((None,), tf.int32), state_specs, feature_spec])
+                                 input_signature=[tf.TensorSpec((None,), tf.int32), state_specs, memory_specs])
 
     def _initial_graph(self, features):
         if self._start_model is None:
@@ -152,8 +175,13 @@ class StepDecoder:
         states = self._start_model(features, training=False)
         return list(states) if isinstance(states, (list, tuple)) else [states]
 
-    def _step_graph(self, words, states, features):
-        logits, *rest = self._step_model([words[:, None], features, *states], training=False)
+    def _memory_graph(self, features):
+        if self._memory_model is None:
+            return [features]
+        return list(self._memory_model(features, training=False))
+
+    def _step_graph(self, words, states, memory):
+        logits, *rest = self._step_model([words[:, None], *memory, *states], training=False)
         weights = rest.pop(0)[:, 0, :] if self.attends else tf.zeros((tf.shape(words)[0], 0))
         return tf.nn.log_softmax(logits[:, 0, :]), weights, rest
 
@@ -170,10 +198,20 @@ class StepDecoder:
     def initial_state(self, features):
         return [state.numpy() for state in self._initial(self.features(features))]
 
+    def remember(self, features):
+        """What every step needs of each image, computed once: a list of arrays, one row per image
+        (the features themselves for an architecture without `remember`)."""
+        features = self.features(features)
+        if self._memory_model is None:
+            return [features]
+        return [part.numpy() for part in self._memory(features)]
+
     def step(self, words, states, features):
+        """`features`: the images' features, one row per word, or what `remember` made of them (a list)."""
+        memory = features if isinstance(features, list) else self.remember(features)
         words = np.asarray(words, dtype=np.int32).reshape(-1)
         states = [np.asarray(state, dtype=np.float32) for state in states]
-        log_probs, weights, new_states = self._step(words, states, self.features(features))
+        log_probs, weights, new_states = self._step(words, states, [np.asarray(part, np.float32) for part in memory])
         self.last_attention = weights.numpy() if self.attends else None
         return log_probs.numpy(), [state.numpy() for state in new_states]
 

@@ -82,8 +82,9 @@ class AttentionDecoder(keras.layers.Layer):
         weights = keras.ops.exp(scores - keras.ops.logsumexp(scores, axis=-1, keepdims=True))
         return weights, keras.ops.sum(weights[:, :, None] * regions, axis=1)
 
-    def call(self, sequence, regions, states, words=None, training=False):
-        keys = self.keys(regions)  # the regions' half of the score: once per caption, not per step
+    def call(self, sequence, regions, states, words=None, keys=None, training=False):
+        if keys is None:  # the regions' half of the score: once per caption, not per step
+            keys = self.keys(regions)
         states = list(states)
         hidden, contexts, weights = [], [], []
         for step in range(sequence.shape[1]):
@@ -143,10 +144,30 @@ def attention_start(layers, image):
     return [layers[name](mean) for name in ("image_to_state_h", "image_to_state_c") if name in layers]
 
 
+def _regions(layers, image):
+    return layers["region_dropout"](layers["grid_projection"](as_locations(image)))
+
+
 def attention(layers, image, words, states):
     """(image grid, words, states) -> (logits, new states, attention weights (batch, steps, L))."""
-    regions = layers["region_dropout"](layers["grid_projection"](as_locations(image)))
-    hidden, contexts, weights, *states = layers["decoder_rnn"](read_words(layers, words), regions, states, words)
+    return attention_from_memory(layers, [_regions(layers, image), None], words, states)
+
+
+def attention_memory(layers, image):
+    """For decoding: what every word's step needs of the image, computed once per image: the
+    projected regions and their attention keys (W_k a_l). Recomputed at every word, for every
+    beam or sample, they were nearly all of a decoding step's work."""
+    regions = _regions(layers, image)
+    return regions, layers["decoder_rnn"].keys(regions)
+
+
+def attention_from_memory(layers, memory, words, states):
+    """`attention`, reading the regions and keys that attention_memory computed (keys None: the
+    decoder computes them from the regions, as in training)."""
+    regions, keys = memory
+    given = {} if keys is None else {"keys": keys}
+    hidden, contexts, weights, *states = layers["decoder_rnn"](read_words(layers, words), regions, states, words,
+                                                               **given)
     # The word classifier reads what the decoder thinks and what it looks at.
     outputs = keras.layers.Concatenate(name="hidden_and_context")([hidden, contexts])
     return write_words(layers, outputs), states, weights

@@ -14,6 +14,10 @@ architectures.py, so they work for every architecture:
     decoder.initial_state(features)            -> states (list of arrays, one row per image)
     decoder.step(words, states, features)      -> (log_probs (rows, vocab), new states)
 
+and, optionally, `decoder.remember(features)`: what every step needs of each
+image, computed once (attention's regions and keys), which the decoders then
+pass to `step` in place of the features.
+
 and all three are *batched*: one `decoder.step` call per time step for the
 whole batch - N images, or N images x k beams flattened to N*k rows - never a
 model call per image per word. The older tutorials' per-image loop manages
@@ -87,6 +91,20 @@ def _step(decoder, words, states, features, banned):
     return log_probs, [np.asarray(state) for state in states]
 
 
+def _remember(decoder, features):
+    """What the decoder computes from each image once, before the words (StepDecoder.remember:
+    attention's regions and keys), for every step to read; the features for a decoder without it."""
+    remember = getattr(decoder, "remember", None)
+    return remember(features) if remember is not None else features
+
+
+def _repeat_rows(memory, k):
+    """Each image's row k times (its beams), for an array or a list of arrays."""
+    if isinstance(memory, list):
+        return [np.repeat(part, k, axis=0) for part in memory]
+    return np.repeat(memory, k, axis=0)
+
+
 def _attention(decoder, rows):
     """The weights over the grid (rows, L) of the decoder's last step."""
     weights = getattr(decoder, "last_attention", None)
@@ -117,6 +135,7 @@ def _word_by_word(decoder, features, choose, *, start_id, end_id, max_length, pa
     if count == 0:
         return captions, attention
     states = [np.asarray(state) for state in decoder.initial_state(features)]
+    features = _remember(decoder, features)  # once per image, not once per word
     words = np.full(count, start_id, dtype=np.int32)
     finished = np.zeros(count, dtype=bool)
     banned = _banned(start_id, end_id, pad_id, banned_ids)
@@ -260,7 +279,7 @@ def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3
     # at first (the others score -inf), so the first step does not yield k
     # copies of the same word.
     states = [np.repeat(np.asarray(state), k, axis=0) for state in decoder.initial_state(features)]
-    row_features = np.repeat(features, k, axis=0)
+    row_features = _repeat_rows(_remember(decoder, features), k)  # the per-image work once, then per beam
     beam_log_probs = np.full((count, k), -np.inf)
     beam_log_probs[:, 0] = 0.0
     beam_words = np.zeros((count, k, 0), dtype=np.int64)  # the words so far, per beam

@@ -88,11 +88,13 @@ def _at(words, t, tokens):
 
 def beam_search_graph(initial, step, features, *, vocab_size, start_id, end_id, max_length, beam_width=3,
                       length_alpha=DEFAULT_LENGTH_ALPHA, no_repeat_ngram=0, pad_id=PAD_ID, banned_ids=(),
-                      dtype=tf.float64):
+                      dtype=tf.float64, memory=None):
     """decoding.beam_search (n_best=1) in TensorFlow ops, for a tf.function.
 
     `initial(features)` -> states; `step(words, states, features)` ->
-    (log_probs float32 (rows, vocabulary), new states). Returns the best
+    (log_probs float32 (rows, vocabulary), new states); with `memory` (what
+    StepDecoder computes from each image once), step reads its rows instead
+    of the features'. Returns the best
     hypothesis of each image: ids (N, max_length) int32 padded with 0,
     their count (N,), and scores (N,). Every array the Python version grows
     has a fixed size here (max_length words, k finished slots), so that the
@@ -113,7 +115,8 @@ def beam_search_graph(initial, step, features, *, vocab_size, start_id, end_id, 
     def possible(values):
         return values > impossible / 2
 
-    row_features = tf.repeat(features, k, axis=0)  # row i * k + b is beam b of image i
+    # Row i * k + b is beam b of image i.
+    row_features = tf.nest.map_structure(lambda part: tf.repeat(part, k, axis=0), features if memory is None else memory)
 
     def body(t, words, states, beam_log_probs, beam_words, finished, done):
         log_probs, states = step(words, states, row_features)
@@ -173,15 +176,15 @@ def graph_search(captioner, beam_width=3, dtype=tf.float64):
     if beam_width == 1:
         options = {}  # greedy decoding takes neither length_alpha nor no_repeat_ngram
 
-    def step(words, states, features):
-        log_probs, _, states = decoder._step_graph(words, states, features)
+    def step(words, states, memory):
+        log_probs, _, states = decoder._step_graph(words, states, memory)
         return log_probs, states
 
     def search(features):
         return beam_search_graph(decoder._initial_graph, step, features, vocab_size=decoder.vocab_size,
                                  start_id=vocab.start_id, end_id=vocab.end_id, max_length=vocab.max_length,
                                  beam_width=beam_width, pad_id=vocab.pad_id, banned_ids=banned, dtype=dtype,
-                                 **options)
+                                 memory=decoder._memory_graph(features), **options)
     return search
 
 

@@ -14,7 +14,7 @@ import keras  # noqa: E402
 
 from captioning.attention import doubly_stochastic_penalty  # noqa: E402
 from captioning.bundle import Captioner, save_bundle  # noqa: E402
-from captioning.decoding import beam_search, greedy_decode  # noqa: E402
+from captioning.decoding import beam_search, greedy_decode, sample_decode  # noqa: E402
 from captioning.architectures import build_captioner, make_step_decoder  # noqa: E402
 from captioning.training import fit_captioner, make_dataset  # noqa: E402
 from captioning.vocab import Vocabulary  # noqa: E402
@@ -46,6 +46,49 @@ def replay(decoder, grids, words):
         log_probs.append(step_log_probs)
         weights.append(decoder.last_attention)
     return np.stack(log_probs, axis=1), np.stack(weights, axis=1)
+
+
+class PerWordDecoder:
+    """The StepDecoder without `remember`: the decoders then hand it the features at every
+    step, and it computes the regions and keys again each time (as before they were remembered)."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+
+    def initial_state(self, features):
+        return self.decoder.initial_state(features)
+
+    def step(self, words, states, features):
+        assert not isinstance(features, list)
+        return self.decoder.step(words, states, features)
+
+    @property
+    def last_attention(self):
+        return self.decoder.last_attention
+
+
+def test_remembering_each_image_once_decodes_exactly_as_recomputing_it_every_word(monkeypatch):
+    model = tiny_attention((4, 4), 16)
+    grids, _ = random_inputs((4, 4), 16, batch=5)
+    decoder = make_step_decoder(model)
+    remembered = []
+    original = decoder.remember
+    monkeypatch.setattr(decoder, "remember", lambda features: remembered.append(len(features)) or original(features))
+    options = dict(start_id=1, end_id=2, max_length=LENGTH)
+    fast = beam_search(decoder, grids, beam_width=3, n_best=2, return_attention=True, **options)
+    assert remembered == [5]  # once per image, not once per word, per beam
+    slow = beam_search(PerWordDecoder(decoder), grids, beam_width=3, n_best=2, return_attention=True, **options)
+    assert remembered[1:] == [15] * (len(remembered) - 1) and len(remembered) > 2  # 5 images x 3 beams, every word
+    for fast_image, slow_image in zip(fast, slow):
+        for a, b in zip(fast_image, slow_image):
+            assert a.ids == b.ids and a.log_prob == pytest.approx(b.log_prob, abs=1e-5)
+            np.testing.assert_allclose(a.attention, b.attention, atol=1e-6)
+    assert greedy_decode(decoder, grids, **options) == greedy_decode(PerWordDecoder(decoder), grids, **options)
+    assert sample_decode(decoder, np.repeat(grids, 4, axis=0), seed=3, **options) == \
+        sample_decode(PerWordDecoder(decoder), np.repeat(grids, 4, axis=0), seed=3, **options)
+    # What is remembered: the projected regions and their attention keys, one row per image.
+    regions, keys = original(grids)
+    assert regions.shape == (5, 16, 8) and keys.shape == (5, 16, 8)
 
 
 # --- shapes and distributions -----------------------------------------------------------
