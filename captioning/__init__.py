@@ -29,6 +29,7 @@ call `quiet_tensorflow()` first so that learners do not see a screen of
 C++ start-up logs.
 """
 
+import json
 import os
 import sys
 
@@ -96,6 +97,30 @@ def _multi_worker_class(tf):
             return tf.nest.map_structure(reduce_one, value)
 
     return KerasFriendlyStrategy
+
+
+def tf_config_problem(text):
+    """What is wrong with the TF_CONFIG environment variable (None: nothing, or not set: one worker).
+    TensorFlow would answer a malformed one with a traceback, or wait for peers that do not exist."""
+    if not text:
+        return None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        return f"is not JSON ({error})"
+    if not isinstance(config, dict):
+        return f"must be a JSON object with \"cluster\" and \"task\", not {type(config).__name__}"
+    cluster, task = config.get("cluster"), config.get("task")
+    if not isinstance(cluster, dict) or not cluster or not all(
+            isinstance(hosts, list) and hosts and all(isinstance(host, str) and ":" in host for host in hosts)
+            for hosts in cluster.values()):
+        return 'needs "cluster": {"worker": ["host:port", ...], ...}, each role a list of "host:port" addresses'
+    if not isinstance(task, dict) or task.get("type") not in cluster:
+        return f'needs "task": {{"type": one of {sorted(cluster)}, "index": N}}, this machine\'s role'
+    index, hosts = task.get("index"), cluster[task["type"]]
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(hosts):
+        return f'"task" "index" must be 0 to {len(hosts) - 1} (the {task["type"]} list has {len(hosts)}), got {index!r}'
+    return None
 
 
 def multi_worker_strategy():

@@ -38,7 +38,7 @@ import numpy as np
 
 from captioning.architectures import make_step_decoder
 from captioning.decoding import beam_search, sample_decode
-from captioning.evaluation import CiderD, cider_d
+from captioning.cider import CiderD, cider_d
 from captioning.training import compile_captioner, gather_features, make_dataset
 
 
