@@ -258,6 +258,9 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
         raise ValueError(f"{prepared.out_dir}: no {'/'.join(train_splits)} captions with cached features")
     log(f"training on {len(train_arrays[1])} captions, validating on {len(val_arrays[1])} "
         f"({'/'.join(val_splits)}); vocabulary {len(prepared.vocab)} words")
+    if not len(val_arrays[1]):
+        print(f"note: no {'/'.join(val_splits)} photos to validate on: early stopping watches the training loss, "
+              "and fine-tuning keeps its last epoch (give some photos the split 'val' to validate)", file=sys.stderr)
 
     run = run_identity(arch, dataset, settings, seed, store, prepared.vocab)
     if worker is None and reuse and (out_dir / "bundle.json").is_file():
@@ -283,7 +286,7 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
     started = time.perf_counter()
     _teacher_forcing(model, train_data, val_data, settings, run_dir, log)
     metrics = history_metrics(read_history(run_dir), time.perf_counter() - started)
-    if settings["self_critical_epochs"] and len(val_arrays[1]):
+    if settings["self_critical_epochs"]:
         metrics["self_critical"] = _self_critical_phase(model, prepared, store, (train_splits, val_splits),
                                                         settings, epochs, seed, log)
     metrics["validation_captions"] = distinct_captions(model, prepared.vocab, val_arrays, settings, log)

@@ -214,7 +214,10 @@ def read_history(run_dir):
         return {}
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    return {key: [float(row[key]) for row in rows] for key in (rows[0] if rows else {}) if key != "epoch"}
+    # Keras writes "NA" for a metric an epoch did not have (val_* when there is no validation data).
+    columns = {key: [row[key] for row in rows] for key in (rows[0] if rows else {}) if key != "epoch"}
+    return {key: [float("nan") if value in ("NA", "", None) else float(value) for value in values]
+            for key, values in columns.items() if any(value not in ("NA", "", None) for value in values)}
 
 
 class ResumableBackup(keras.callbacks.BackupAndRestore):

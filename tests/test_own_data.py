@@ -121,3 +121,21 @@ def test_every_command_works_on_a_folder_of_your_own(tmp_path):
                                  work).stdout)
     assert metrics["split"] == "val" and metrics["images"] == sum(
         own_data.seeded_split(f"photos/{i:02d}.jpg") == "val" for i in range(40))
+
+
+def test_a_dataset_without_validation_photos_trains_and_says_what_it_left_out(tmp_path):
+    # Every photo in `train`: no split to validate on. It used to train, then fail with
+    # "could not convert string to float: 'NA'" (the log's empty validation columns).
+    folder = tmp_path / "own"
+    colours = [(220, 30, 30), (30, 200, 60), (40, 60, 220)]
+    rows = []
+    for i in range(9):
+        photo(folder / f"p{i}.jpg", colours[i % 3])
+        rows += [(f"p{i}.jpg", f"a {['red', 'green', 'blue'][i % 3]} square number {j}", "train") for j in range(3)]
+    write_csv(folder, rows)
+    result = run_cli("train", "--dataset", "csv", "--data-dir", folder, "--encoder", "mobilenet_v2", "--weights",
+                     "none", "--out", tmp_path / "bundle", "--cache-dir", tmp_path / "work", "--epochs", 2)
+    assert "note: no val photos to validate on: early stopping watches the training loss" in result.stderr
+    settings = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert settings["metrics"]["epochs_run"] == 2 and "val_loss" not in settings["metrics"]
+    assert [record["epoch"] for record in settings["metrics"]["self_critical"]] == [1, 2]  # fine-tuned all the same
