@@ -152,26 +152,40 @@ def writable_folder(path, what="output folder"):
     return path
 
 
+BACKUP_MARKER = ".captioning-replaced"  # inside a folder replace_folder set aside: ours to delete or put back
+
+
+def _aside(final):
+    """Where replace_folder keeps FINAL while its replacement moves in: a hidden name no user
+    picks, recognised as ours by the marker file inside (a user's own FINAL.old is never touched)."""
+    return final.with_name(f".{final.name}.captioning-replaced")
+
+
 def replace_folder(new, final):
     """Move the complete folder `new` to `final`, replacing what is there only now that the
     replacement exists: the old folder is renamed aside, the new one into place, then the old
     one is deleted. (Renames within one file system are atomic; a crash between the two leaves
-    FINAL.old, which `restore_folder` puts back.)"""
+    the old folder aside, which `restore_folder` puts back.)"""
     new, final = Path(new), Path(final)
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    aside = _aside(final)
+    if aside.exists():
+        if not (aside / BACKUP_MARKER).is_file():
+            raise ValueError(f"{aside} is in the way and was not made by this program: move it, then run again")
+        shutil.rmtree(aside)
     if final.exists():
-        os.rename(final, old)
+        (final / BACKUP_MARKER).write_text("set aside while a new version replaced this folder\n")
+        os.rename(final, aside)
     os.rename(new, final)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def restore_folder(final):
-    """Put back FINAL.old if a replace_folder was cut between its two renames."""
+    """Put back the folder a replace_folder set aside, if it was cut between its two renames."""
     final = Path(final)
-    old = final.with_name(final.name + ".old")
-    if old.is_dir() and not final.exists():
-        os.rename(old, final)
+    aside = _aside(final)
+    if aside.is_dir() and (aside / BACKUP_MARKER).is_file() and not final.exists():
+        os.rename(aside, final)
+        (final / BACKUP_MARKER).unlink(missing_ok=True)
 
 
 def work_paths(work_dir, dataset, encoder=None, pooling="avg", arch=None):

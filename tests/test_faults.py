@@ -106,7 +106,30 @@ def test_overwrite_replaces_the_bundle_only_when_the_new_one_is_complete(tiny, t
     # With room, the same command replaces it.
     ok = train(data_dir, copy, work, "--overwrite")
     assert "bundle:" in ok.stdout and folder_digest(copy) != before
-    assert not copy.with_name("bundle.partial").exists() and not copy.with_name("bundle.old").exists()
+    assert not copy.with_name("bundle.partial").exists() and not copy.with_name(".bundle.captioning-replaced").exists()
+
+
+def test_a_folder_of_the_users_named_like_a_backup_is_never_touched(tiny, tmp_path):
+    # `train --overwrite --out m` used to delete the user's own m.old, and a later `train --out keep`
+    # renamed the user's keep.old back to keep. The backup is now a hidden folder marked as ours.
+    data_dir, work, bundle = tiny
+    copy = tmp_path / "m"
+    subprocess.run(["cp", "-a", str(bundle), str(copy)], check=True)
+    mine = tmp_path / "m.old"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own folder")
+    train(data_dir, copy, work, "--overwrite")
+    assert (mine / "notes.txt").read_text() == "my own folder"
+    keep_old = tmp_path / "keep.old"
+    subprocess.run(["cp", "-a", str(bundle), str(keep_old)], check=True)
+    train(data_dir, tmp_path / "keep", work)
+    assert keep_old.is_dir() and (keep_old / "bundle.json").is_file()
+    # A hidden folder of that name that is not ours is refused, not deleted.
+    stranger = tmp_path / ".m.captioning-replaced"
+    stranger.mkdir()
+    (stranger / "x").write_text("not yours")
+    one_line_error(train(data_dir, copy, work, "--overwrite", check=False), str(stranger), "in the way")
+    assert (stranger / "x").read_text() == "not yours"
 
 
 def test_a_rerun_with_the_same_settings_reuses_the_bundle_and_a_changed_one_retrains(tiny, tmp_path):
