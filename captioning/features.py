@@ -459,5 +459,12 @@ def merge_shards(shard_dirs, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     with _lock(out_dir):
         if (out_dir / "manifest.json").is_file():
-            check_settings(read_json(out_dir / "manifest.json", "feature cache manifest"), job, out_dir)
+            manifest = read_json(out_dir / "manifest.json", "feature cache manifest", kind=dict)
+            check_settings(manifest, job, out_dir)
+            if read_json(out_dir / manifest.get("sources_file", "sources.json"), "feature cache sources") != \
+                    first["sources"]:
+                raise ValueError(f"{out_dir} holds a feature store of other photos: merge into a new folder "
+                                 "(or delete that store first)")
+        elif any(path.name != ".lock" for path in out_dir.iterdir()):
+            raise ValueError(f"{out_dir} is not empty and holds no feature store: merge into a new or empty folder")
         return write_store(chunk_files, job, out_dir, first["sources"])

@@ -108,7 +108,8 @@ def load_own(data_dir, karpathy_split=None, seed=0):
             bad["duplicate"].append(number)
         else:
             seen.add((image, caption))
-            image_id = image.rsplit(".", 1)[0] if "." in Path(image).name else image
+            # The photo's path inside the folder, extension and all, is its id: x.jpg and x.png are two photos.
+            image_id = Path(image).as_posix()
             rows.append((image_id, photo.name, str(photo), caption,
                          SPLIT_NAMES[split] if split else seeded_split(image, seed)))
     if not rows:

@@ -212,6 +212,16 @@ def test_shards_see_replaced_photos_and_still_merge_into_the_unsharded_store(tin
         merge_shards(shards, tmp_path / "again")  # shard 1 saw the photo as it was
     assert cache_features(photos, shards[1], shard=(1, 2), **options).computed == 4
     merge_shards(shards, tmp_path / "again")
+    merge_shards(shards, tmp_path / "again")  # the same store again: nothing else is at stake
+    # A store of other photos (the one merged before 004 changed), or a folder of the user's, is not replaced.
+    before = folder_bytes(tmp_path / "merged")
+    with pytest.raises(ValueError, match="merged holds a feature store of other photos"):
+        merge_shards(shards, tmp_path / "merged")
+    assert folder_bytes(tmp_path / "merged") == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="mine is not empty and holds no feature store"):
+        merge_shards(shards, tmp_path / "mine")
     assert cache_features(photos, tmp_path / "whole", **options).computed == 1
     np.testing.assert_allclose(FeatureStore.open(tmp_path / "again").get("004"),
                                FeatureStore.open(tmp_path / "whole").get("004"), rtol=1e-2, atol=1e-3)

@@ -139,3 +139,12 @@ def test_a_dataset_without_validation_photos_trains_and_says_what_it_left_out(tm
     settings = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
     assert settings["metrics"]["epochs_run"] == 2 and "val_loss" not in settings["metrics"]
     assert [record["epoch"] for record in settings["metrics"]["self_critical"]] == [1, 2]  # fine-tuned all the same
+
+
+def test_two_photos_with_one_name_and_two_extensions_are_two_photos(tmp_path):
+    folder = tmp_path / "own"
+    photo(folder / "x.jpg", (200, 40, 40)), photo(folder / "x.png", (40, 40, 200))
+    write_csv(folder, [("x.jpg", "a red square", "train"), ("x.png", "a blue square", "train")])
+    table = data.load_dataset("csv", folder)
+    assert sorted(table["image_id"]) == ["x.jpg", "x.png"]
+    assert dict(zip(table["image_id"], table["caption"])) == {"x.jpg": "a red square", "x.png": "a blue square"}
