@@ -1,28 +1,35 @@
 """captioning: a small image-captioning library for the course notebooks.
 
-One module per pipeline stage, in the order the notebooks teach them:
+One module per pipeline stage. Read these: they are what the notebooks teach,
+in the notebooks' order, and each is a few hundred lines of ideas.
 
-    data           COCO / Flickr8k annotations -> a pandas table; the DATASETS table  (notebook 01)
     vocab          caption cleaning, the word <-> id vocabulary, the special ids      (notebook 01)
-    download       annotations and image subsets for users online                     (notebook 01)
     encoders       pretrained CNNs that turn a photo into a vector; the ENCODERS table (notebook 02)
-    features       a resumable on-disk cache of those vectors                         (notebook 02)
     architectures  the ARCHITECTURES table, build_captioner and the StepDecoder       (notebook 03)
+    layers         the word layers every architecture shares                          (notebook 03)
     models         merge and the three inject architectures                           (notebook 03)
     training       tf.data pipelines, the masked loss, fit(), the PRESETS table       (notebook 03)
     self_critical  fine-tuning on CIDEr-D                                             (notebook 03)
+    decoding       batched greedy and beam search, sampling                           (notebook 04)
+    cider          CIDEr-D: the score, and fine-tuning's reward                       (notebooks 03, 05)
+    evaluation     BLEU, METEOR, ROUGE-L, CIDEr-D, diversity, bootstrap intervals     (notebook 05)
+    attention      the soft-attention architecture                                    (notebook 06)
+
+Plumbing: files, downloads, caches, bundles, commands. Needed, not taught; skip
+them on a first reading.
+
+    data           COCO / Flickr8k / your own annotations -> a pandas table; DATASETS (notebook 01)
+    own_data       a folder of your own photos with captions.csv                      (notebook 01)
+    download       annotations and image subsets for users online                     (notebook 01)
+    images         reading photos, checked at the door
+    features       a resumable on-disk cache of the encoders' vectors                 (notebook 02)
+    feature_store  that cache's file format
     bundle         a trained model saved with its vocabulary and settings             (notebook 03)
     pipeline       the `train` and `evaluate` commands, end to end                    (notebooks 03, 05)
-    decoding       batched greedy and beam search, sampling                           (notebook 04)
-    evaluation     BLEU, METEOR, ROUGE-L, CIDEr-D, diversity, bootstrap intervals     (notebook 05)
     export         a bundle as a SavedModel or .tflite that runs without this package (notebook 04)
-    attention      the soft-attention architecture                                    (notebook 06)
     widgets        what the interactive panels compute: beam table, attention maps   (notebooks 04, 06)
+    fileio         atomic writes, the data/work layout
     cli            `python -m captioning ...`
-
-Helpers: layers (layers every architecture shares), images (reading photos),
-feature_store (the cache's file format), fileio (atomic writes, the data/work
-layout).
 
 Importing this package does not import TensorFlow; the modules that need it
 call `quiet_tensorflow()` first so that learners do not see a screen of

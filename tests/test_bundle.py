@@ -136,7 +136,7 @@ def test_train_cli_writes_a_bundle_that_captions_images(flickr8k_bundle, flickr8
     fine_tuning = settings["metrics"]["self_critical"]
     # --epochs caps the fine-tuning too, and the preset keeps its last epoch: no averaged record after it.
     assert [record["epoch"] for record in fine_tuning] == list(range(1, CI_EPOCHS + 1))
-    assert settings["decoding"]["no_repeat_ngram"] == 0  # the preset's, used by `caption` and `evaluate`
+    assert settings["decoding"]["no_repeat_ngram"] == 2  # the preset's, used by `caption` and `evaluate`
     history = (flickr8k_bundle / "training" / "history.csv").read_text().splitlines()
     assert len(history) == 1 + CI_EPOCHS and "val_loss" in history[0]
     images = sorted((flickr8k_small_dir / "images").glob("*.jpg"))[:2]

@@ -206,7 +206,7 @@ def test_notebook_03_saves_the_bundle_train_saves(offline_demo, flickr8k_bundle)
     notebook = json.loads((offline_demo.work_dir / "bundles" / "flickr8k-mobilenet_v2-merge" / "bundle.json").read_text())
     command_line = json.loads((flickr8k_bundle / "bundle.json").read_text())
     assert notebook["training"] == command_line["training"] == preset_settings("cpu-small", epochs=CI_EPOCHS)
-    assert notebook["decoding"] == {"length_alpha": 1.0, "no_repeat_ngram": 0} == command_line["decoding"]
+    assert notebook["decoding"] == {"length_alpha": 1.0, "no_repeat_ngram": 2} == command_line["decoding"]
     assert sorted(notebook) == sorted(command_line) and sorted(notebook["metrics"]) == sorted(command_line["metrics"])
     for key in set(notebook) - {"metrics", "model_sha256"}:  # a .keras file records when it was saved
         assert notebook[key] == command_line[key], key
