@@ -117,18 +117,18 @@ def attention_layers(*, vocab_size, embed_dim, units, rnn, dropout, word_dropout
                      attention_penalty=0.0):
     """The attention captioner's layers that hold weights (and its dropouts), keyed by their names."""
     dense = keras.layers.Dense
-    layers = [
+    image_first = [
         # Each region to `units` numbers: a much smaller context vector and LSTM
         # input than the CNN's 1280 or 2048 channels, as in TensorFlow's tutorial.
-        dense(units, activation="relu", name="grid_projection"),
-        keras.layers.Dropout(dropout, name="region_dropout"),
-        dense(units, activation="tanh", name="image_to_state_h"),
-        AttentionDecoder(units, attention_units, rnn=rnn, attention_penalty=attention_penalty, name="decoder_rnn"),
+        lambda: dense(units, activation="relu", name="grid_projection"),
+        lambda: keras.layers.Dropout(dropout, name="region_dropout"),
+        lambda: dense(units, activation="tanh", name="image_to_state_h"),
     ]
-    if rnn == "lstm":
-        layers.append(dense(units, name="image_to_state_c"))
-    return {**word_layers(vocab_size=vocab_size, embed_dim=embed_dim, dropout=dropout, word_dropout=word_dropout),
-            **{layer.name: layer for layer in layers}}
+    image_last = [lambda: dense(units, name="image_to_state_c")] if rnn == "lstm" else []
+    return word_layers(vocab_size=vocab_size, embed_dim=embed_dim, dropout=dropout, word_dropout=word_dropout,
+                       image_first=image_first, image_last=image_last,
+                       decoder=lambda: AttentionDecoder(units, attention_units, rnn=rnn,
+                                                        attention_penalty=attention_penalty, name="decoder_rnn"))
 
 
 def as_locations(image, name="grid_locations"):

@@ -46,16 +46,26 @@ class WordDropout(keras.layers.Layer):
         return {**super().get_config(), "rate": self.rate}
 
 
-def word_layers(*, vocab_size, embed_dim, dropout, word_dropout):
-    """The layers that read words and the one that writes them, as {name: layer}."""
-    layers = [
-        WordDropout(word_dropout, name="word_dropout"),
-        keras.layers.Embedding(vocab_size, embed_dim, name="word_embedding"),
-        keras.layers.Dropout(dropout, name="embedding_dropout"),
-        keras.layers.Dropout(dropout, name="output_dropout"),
-        keras.layers.Dense(vocab_size, name="word_logits"),
-    ]
-    return {layer.name: layer for layer in layers}
+def word_layers(*, vocab_size, embed_dim, dropout, word_dropout, decoder, image_first=(), image_last=()):
+    """Every layer of a caption model that holds weights or draws random numbers, as {name: layer}:
+    the word layers all architectures share, the architecture's `decoder` (its RNN) and its image
+    layers, each given as a function that makes it.
+
+    They are made in one fixed order, because each layer takes its initial weights (a dropout, its
+    seed) from the seeded random stream as it is made: word dropout, the image layers that come
+    first, the embedding and its dropout, the decoder, the output dropout, the word classifier, the
+    image layers that come last. That is the order of the code before the architecture table, so a
+    seed gives the very model it gave there (docs/experiments.md: what a seed number means).
+    """
+    made = [WordDropout(word_dropout, name="word_dropout")]
+    made += [make() for make in image_first]
+    made += [keras.layers.Embedding(vocab_size, embed_dim, name="word_embedding")]
+    made += [keras.layers.Dropout(dropout, name="embedding_dropout")]
+    made += [decoder()]
+    made += [keras.layers.Dropout(dropout, name="output_dropout")]
+    made += [keras.layers.Dense(vocab_size, name="word_logits")]
+    made += [make() for make in image_last]
+    return {layer.name: layer for layer in made}
 
 
 def read_words(layers, words):

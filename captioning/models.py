@@ -40,11 +40,14 @@ RNN_TYPES = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
 MERGE_MODES = ("add", "concat")
 
 
-def rnn_layers(*, vocab_size, embed_dim, units, rnn, dropout, word_dropout):
-    """What all four share: the word layers, the RNN, and dropout on the image vector."""
-    return {**word_layers(vocab_size=vocab_size, embed_dim=embed_dim, dropout=dropout, word_dropout=word_dropout),
-            "image_dropout": keras.layers.Dropout(dropout, name="image_dropout"),
-            "decoder_rnn": RNN_TYPES[rnn](units, return_sequences=True, return_state=True, name="decoder_rnn")}
+def rnn_layers(*, vocab_size, embed_dim, units, rnn, dropout, word_dropout, image_last=()):
+    """What all four share: the word layers, the RNN, and dropout on the image vector; then
+    `image_last`, the architecture's own image layers (functions that make them)."""
+    return word_layers(vocab_size=vocab_size, embed_dim=embed_dim, dropout=dropout, word_dropout=word_dropout,
+                       image_first=[lambda: keras.layers.Dropout(dropout, name="image_dropout")],
+                       decoder=lambda: RNN_TYPES[rnn](units, return_sequences=True, return_state=True,
+                                                      name="decoder_rnn"),
+                       image_last=image_last)
 
 
 def zero_state(layers, image):
@@ -64,9 +67,9 @@ def merge_layers(*, merge_mode="add", units, **options):
     if merge_mode not in MERGE_MODES:
         raise ValueError(f"merge_mode must be one of {MERGE_MODES}, got {merge_mode!r}")
     combine = keras.layers.Add(name="merge_add") if merge_mode == "add" else \
-        keras.layers.Concatenate(name="merge_concat")
-    return {**rnn_layers(units=units, **options), combine.name: combine,
-            "image_projection": keras.layers.Dense(units, activation="relu", name="image_projection")}
+        keras.layers.Concatenate(name="merge_concat")  # no weights: where it is made does not matter
+    projection = lambda: keras.layers.Dense(units, activation="relu", name="image_projection")  # noqa: E731
+    return {**rnn_layers(units=units, image_last=[projection], **options), combine.name: combine}
 
 
 def merge(layers, image, words, states):
@@ -82,8 +85,8 @@ def merge(layers, image, words, states):
 # --- par-inject ----------------------------------------------------------------------
 
 def par_inject_layers(*, embed_dim, **options):
-    return {**rnn_layers(embed_dim=embed_dim, **options),
-            "image_projection": keras.layers.Dense(embed_dim, activation="relu", name="image_projection")}
+    projection = lambda: keras.layers.Dense(embed_dim, activation="relu", name="image_projection")  # noqa: E731
+    return rnn_layers(embed_dim=embed_dim, image_last=[projection], **options)
 
 
 def par_inject(layers, image, words, states):
@@ -99,11 +102,10 @@ def par_inject(layers, image, words, states):
 
 def init_inject_layers(*, units, rnn, **options):
     # An LSTM has two states (h, c), a GRU only h. h is bounded by tanh like the RNN's own.
-    layers = {**rnn_layers(units=units, rnn=rnn, **options),
-              "image_to_state_h": keras.layers.Dense(units, activation="tanh", name="image_to_state_h")}
+    states = [lambda: keras.layers.Dense(units, activation="tanh", name="image_to_state_h")]
     if rnn == "lstm":
-        layers["image_to_state_c"] = keras.layers.Dense(units, name="image_to_state_c")
-    return layers
+        states.append(lambda: keras.layers.Dense(units, name="image_to_state_c"))
+    return rnn_layers(units=units, rnn=rnn, image_last=states, **options)
 
 
 def init_inject_start(layers, image):
@@ -115,8 +117,8 @@ def init_inject_start(layers, image):
 
 def pre_inject_layers(*, embed_dim, **options):
     # Lives in the word-embedding space, so linear like an embedding row.
-    return {**rnn_layers(embed_dim=embed_dim, **options),
-            "image_to_embedding": keras.layers.Dense(embed_dim, name="image_to_embedding")}
+    word = lambda: keras.layers.Dense(embed_dim, name="image_to_embedding")  # noqa: E731
+    return rnn_layers(embed_dim=embed_dim, image_last=[word], **options)
 
 
 def pre_inject_start(layers, image):
