@@ -105,9 +105,9 @@ def build_parser():
     features.add_argument("--batch-size", type=bounded(1, 1024), default=32)
     features.add_argument("--pooling", choices=("avg", "none"), default="avg",
                           help="'avg': one vector per image; 'none': the spatial grid (for attention)")
-    features.add_argument("--mirror", action="store_true",
-                          help="average each photo's features with its mirror image's (twice the time; "
-                               "no measured gain, docs/experiments.md)")
+    features.add_argument("--no-mirror", dest="mirror", action="store_false",
+                          help="encode each photo once, not averaged with its mirror image (half the time; "
+                               "the default recipe averages, docs/experiments.md)")
     features.add_argument("--shard", type=shard, default=None, metavar="I/N",
                           help="cache only shard I of N (0-based), to spread the work over machines")
     features.set_defaults(handler=cmd_features)

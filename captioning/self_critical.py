@@ -19,12 +19,12 @@ model, its masked loss and fit() are reused as they are, with sample weights.
 
 Which weights to keep. Each epoch's captions are sampled, so the weights
 wander from epoch to epoch, and the validation score with them. `average_last=1`
-(the cpu-small preset's) keeps the weights of the last epoch: fine-tuning ran
-its course, and nothing is chosen on a hundred noisy validation images. With
-`average_last=K` the model ends with the *mean* of the last K epochs' weights
+keeps the weights of the last epoch: fine-tuning ran its course, and nothing is
+chosen on a hundred noisy validation images. With `average_last=K` (5, the
+cpu-small preset's) the model ends with the *mean* of the last K epochs' weights
 (they all start from the same teacher-forced model and move little, so their
 mean is a model of the same basin: Izmailov et al. 2018, "Averaging weights
-leads to wider optima"); over eight seeds that gained nothing measurable here
+leads to wider optima"); it is part of the recipe that passed the paired rule
 (docs/experiments.md). Either way the kept weights' validation score is
 reported, not used to choose; a large drop below the starting weights means
 the learning rate is too high, and the log says so. `average_last=0` keeps the

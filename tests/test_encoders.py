@@ -32,7 +32,7 @@ def photos(flickr8k_dir):
 def test_settings_are_known_without_building_a_network(mobilenet_weights, tmp_path):
     settings = encoders.encoder_settings("mobilenet_v2", str(mobilenet_weights), pooling=None)
     assert settings["image_size"] == 320 and settings["feature_shape"] == [10, 10, 1280]
-    assert settings["mirror"] is False  # off by default (docs/experiments.md)
+    assert settings["mirror"] is True  # on by default (docs/experiments.md)
     assert settings["weights_id"].startswith("sha256:")
     assert encoders.encoder_settings("inception_v3", "imagenet")["feature_shape"] == [2048]
     # Same name, different bytes: a different identity, so a cache cannot mix them up.
@@ -154,5 +154,5 @@ def test_mirror_averages_each_photo_with_its_mirror_image(mobilenet_weights):
     # A photo and its mirror image get the same mirrored features (as vectors after pooling).
     np.testing.assert_allclose(mirrored.encode(flipped).mean(axis=(1, 2)), mirrored.encode(images).mean(axis=(1, 2)),
                                rtol=1e-4, atol=1e-5)
-    assert not encoders.build_encoder("mobilenet_v2", weights=None).mirror  # off by default
-    assert encoders.encoder_settings("inception_v3", "imagenet", mirror=True)["mirror"] is True
+    assert encoders.build_encoder("mobilenet_v2", weights=None).mirror  # on by default
+    assert encoders.encoder_settings("inception_v3", "imagenet", mirror=False)["mirror"] is False

@@ -115,8 +115,8 @@ def test_stale_cache_is_refused_and_left_alone(photos, mobilenet, mobilenet_weig
         cache_features(few, tmp_path / "cache", encoder="inception_v3", weights="imagenet")
     with pytest.raises(ValueError, match="pooling: cached 'avg', asked 'none'"):
         cache_features(few, tmp_path / "cache", encoder="mobilenet_v2", weights=str(mobilenet_weights), pooling=None)
-    with pytest.raises(ValueError, match="mirror: cached False, asked True"):
-        cache_features(few, tmp_path / "cache", encoder="mobilenet_v2", weights=str(mobilenet_weights), mirror=True)
+    with pytest.raises(ValueError, match="mirror: cached True, asked False"):
+        cache_features(few, tmp_path / "cache", encoder="mobilenet_v2", weights=str(mobilenet_weights), mirror=False)
     with pytest.raises(ValueError, match="stale feature cache"):
         FeatureStore.open(tmp_path / "cache", expect=encoders.encoder_settings("inception_v3", "imagenet"))
     assert folder_bytes(tmp_path / "cache") == before
@@ -206,10 +206,10 @@ def test_features_command(photos, mobilenet_weights, tmp_path):
     assert "cached 4 images" in result.stdout and "images/s" in result.stdout
     assert "skipped 1 images:\n  broken (" in result.stdout and "not an image" in result.stdout
     assert len(FeatureStore.open(tmp_path / "cache")) == 4
-    assert FeatureStore.open(tmp_path / "cache").manifest["mirror"] is False  # off unless asked for
-    mirrored = run_cli(*common, "--out", tmp_path / "mirrored", "--weights", mobilenet_weights, "--mirror")
-    assert "cached 4 images" in mirrored.stdout
-    assert FeatureStore.open(tmp_path / "mirrored").manifest["mirror"] is True
+    assert FeatureStore.open(tmp_path / "cache").manifest["mirror"] is True  # on unless turned off
+    plain = run_cli(*common, "--out", tmp_path / "plain", "--weights", mobilenet_weights, "--no-mirror")
+    assert "cached 4 images" in plain.stdout
+    assert FeatureStore.open(tmp_path / "plain").manifest["mirror"] is False
     stale = run_cli(*arguments, "--weights", "imagenet", check=False)
     assert stale.returncode == 1 and "error: stale feature cache" in stale.stderr  # a fault, not usage
     bad_shard = run_cli(*arguments, "--weights", mobilenet_weights, "--shard", "1-of-2", check=False)
