@@ -12,6 +12,8 @@ same data with the same settings, so training a second architecture or a
 second seed costs the training only, and evaluating costs the captioning only.
 """
 
+import hashlib
+import json
 import shutil
 import sys
 import time
@@ -124,9 +126,11 @@ def run_identity(arch, dataset, settings, seed, store, vocab):
     """What makes one training run's model what it is: bundle.json "run". A run with the same
     identity trains the same model, so train_pipeline(reuse=True) returns its bundle as it is, and
     an interrupted run resumes only into the same one. Notebook 03 records it as `train` does."""
+    sources = read_json(Path(store.out_dir) / store.manifest["sources_file"], "feature cache sources", kind=dict)
+    photos = sorted((image_id, entry.get("sha256")) for image_id, entry in sources.items())  # content, not paths
     return {"arch": arch, "dataset": dataset, "settings": settings, "seed": seed,
             "encoder": store.manifest["weights_id"], "vocabulary": vocab.fingerprint,
-            "features": store.manifest.get("images_sha256")}
+            "features": hashlib.sha256(json.dumps(photos).encode()).hexdigest()}
 
 
 def distinct_captions(model, vocab, val_arrays, settings, log):

@@ -152,6 +152,14 @@ def test_a_rerun_with_the_same_settings_reuses_the_bundle_and_a_changed_one_retr
     train_pipeline("flickr8k", data_dir, seed=1, overwrite=True, **options)
     record = json.loads((copy / "bundle.json").read_text())
     assert record["seed"] == record["run"]["seed"] == 1 and folder_digest(copy) != before
+    # Other photos under the same names and captions are other data: not reused either.
+    photos, work_copy = tmp_path / "flickr8k", tmp_path / "work"
+    subprocess.run(["cp", "-a", str(data_dir), str(photos)], check=True)
+    subprocess.run(["cp", "-a", str(work), str(work_copy)], check=True)
+    first = sorted((photos / "images").iterdir())[0]
+    Image.fromarray(255 - np.asarray(Image.open(first))).save(first)
+    with pytest.raises(ValueError, match="other settings or data"):
+        train_pipeline("flickr8k", photos, seed=1, **{**options, "cache_dir": work_copy})
 
 
 def test_the_vocabulary_settings_of_notebook_01_flow_to_the_training_of_later_notebooks(tiny, tmp_path):
