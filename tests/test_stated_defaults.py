@@ -81,3 +81,14 @@ def test_encoder_speed_is_stated_as_benchmarks_encoders_measured_it():
     assert {float(number) for _, number in stated} == {measured}, (measured, stated)
     # No other way of putting it ("3.5x faster", "half as fast") survives anywhere.
     assert not _stated(r"(\d[\d.]*x faster|(?:half|twice) as fast|\d[\d.]* times faster)(?=[^.]*(?:MobileNet|Inception|encod))")
+
+
+def test_the_caption_quality_the_prose_states_is_the_one_measured():
+    # One number for "how good is the default": docs/experiments.md's eight-seed mean, which the
+    # README, the teacher's guide and notebook 03 round (they once said 0.40, 0.41 and "about 0.4").
+    recorded = re.search(r"The default `train` now scores a dev CIDEr-D of ([\d.]+)",
+                         " ".join((REPO / "docs" / "experiments.md").read_text(encoding="utf-8").split()))
+    assert recorded, "docs/experiments.md records no eight-seed mean of the default"
+    stated = _stated(r"dev CIDEr-D of about ([\d.]+)")
+    assert len(stated) >= 3, stated
+    assert {float(number) for _, number in stated} == {round(float(recorded.group(1)), 2)}, (recorded.group(1), stated)
