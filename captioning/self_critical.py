@@ -117,6 +117,29 @@ def self_critical(model, vocab, train_features, train_references, val_features=N
                           patience=patience, average_last=int(average_last), seed=seed, log=log)
 
 
+def self_critical_epoch(model, decoder, vocab, features, reward, *, samples, batch_size, seed, epoch):
+    """One epoch of self-critical training, the update itself (notebook 03 shows it); returns the
+    samples' rewards, image after image.
+
+    `decoder` is the model's StepDecoder; `reward` a CiderD of every image's references, each
+    repeated `samples` times, so that sample j of image i is scored against image i's captions.
+    """
+    rows = _sample(decoder, vocab, features, samples, seed=(seed * 1000 + epoch) * 100_000)
+    rewards = reward.scores(_captions(vocab, rows))
+    # The baseline of each sample is the mean reward of the *other* samples of its image: a
+    # caption is pushed up when it beats its siblings, down when it loses to them.
+    per_image = rewards.reshape(-1, samples)
+    baseline = (per_image.sum(axis=1, keepdims=True) - per_image) / (samples - 1)
+    advantage = (per_image - baseline).reshape(-1)
+    # Teacher forcing on the model's own captions, every word's loss weighted by its caption's
+    # advantage: the same masked loss and fit() as training.py, with sample weights.
+    image_rows = np.repeat(np.arange(len(features)), samples)
+    data = make_dataset(features, image_rows, _encode(vocab, rows), batch_size=batch_size, seed=seed + epoch,
+                        weights=advantage)
+    model.fit(data, epochs=1, verbose=0, shuffle=False)
+    return rewards
+
+
 @contextlib.contextmanager
 def _no_word_dropout(model):
     """The gradient is meant for the words the model read while it sampled, so no
@@ -146,18 +169,11 @@ def _fine_tune(model, vocab, train_features, train_references, val_features, val
     waited, history, recent = 0, [], collections.deque(maxlen=average_last or None)
     if validating:
         log(f"self-critical: validation CIDEr-D {best:.4f} before fine-tuning")
-    image_rows = np.repeat(np.arange(len(train_features)), samples)
     reward = CiderD([refs for refs in train_references for _ in range(samples)])  # the references' statistics, once
 
     for epoch in range(epochs):
-        rows = _sample(decoder, vocab, train_features, samples, seed=(seed * 1000 + epoch) * 100_000)
-        rewards = reward.scores(_captions(vocab, rows))
-        per_image = rewards.reshape(-1, samples)
-        baseline = (per_image.sum(axis=1, keepdims=True) - per_image) / (samples - 1)
-        advantage = (per_image - baseline).reshape(-1)
-        data = make_dataset(train_features, image_rows, _encode(vocab, rows), batch_size=batch_size,
-                            seed=seed + epoch, weights=advantage)
-        model.fit(data, epochs=1, verbose=0, shuffle=False)
+        rewards = self_critical_epoch(model, decoder, vocab, train_features, reward, samples=samples,
+                                      batch_size=batch_size, seed=seed, epoch=epoch)
         if average_last:
             recent.append(model.get_weights())
 
