@@ -173,3 +173,47 @@ def test_papermill_sees_every_parameter(path):
     assigned = [target.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
                 for target in node.targets if isinstance(target, ast.Name)]
     assert assigned and sorted(papermill.inspect_notebook(str(path))) == sorted(assigned)
+
+
+# What each notebook teaches, shown as the package's own source (issue: "the model code in view"). The
+# notebooks call show_source(captioning.MODULE.NAME, ...) with dotted names, which this test reads.
+CODE_IN_VIEW = {
+    "03": {"captioning.models.merge", "captioning.models.par_inject", "captioning.models.init_inject_start",
+           "captioning.models.pre_inject_start", "captioning.models.read_from",
+           "captioning.self_critical.self_critical_epoch"},
+    "04": {"captioning.architectures.StepDecoder.__init__", "captioning.architectures.StepDecoder.step",
+           "captioning.decoding._word_by_word", "captioning.decoding.beam_search"},
+    "06": {"captioning.attention.AttentionDecoder.attend", "captioning.attention.AttentionDecoder.call",
+           "captioning.attention.attention"},
+}
+
+
+def shown_sources(path):
+    """The dotted names a notebook passes to show_source."""
+    shown = set()
+    for _, _, source in _code_cells(path):
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "show_source":
+                shown.update(ast.unparse(argument) for argument in node.args)
+    return shown
+
+
+@pytest.mark.parametrize("number", sorted(CODE_IN_VIEW))
+def test_a_notebook_shows_the_code_it_teaches(number):
+    import inspect
+    import pkgutil
+
+    [path] = [path for path in NOTEBOOKS if path.name.startswith(number)]
+    shown = shown_sources(path)
+    assert CODE_IN_VIEW[number] <= shown, f"{path.name} does not show {sorted(CODE_IN_VIEW[number] - shown)}"
+    for name in shown:  # every name shown is the package's, and has source to show
+        target = pkgutil.resolve_name(name)
+        assert name.startswith("captioning.") and inspect.getsource(target).strip()
+
+
+def test_notebook_03_checks_its_merge_model_against_the_package():
+    """The merge model written out in notebook 03 is compared with build_captioner's: weights and logits."""
+    [path] = [path for path in NOTEBOOKS if path.name.startswith("03")]
+    sources = [source for _, _, source in _code_cells(path) if "def merge_by_hand" in source]
+    assert len(sources) == 1
+    assert "count_params()" in sources[0] and "raise AssertionError" in sources[0]
