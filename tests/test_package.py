@@ -1,6 +1,8 @@
-"""The package's shape: no import circles, and every module imports on its own."""
+"""The package's shape: no import circles, every module imports on its own, none is longer than a
+sitting, and the map in captioning/__init__.py (and the README's summary of it) names them all."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +66,41 @@ def test_every_module_imports_in_any_order():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             cwd=PACKAGE.parent)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# --- a newcomer reads it in one sitting ------------------------------------------------------------
+
+def package_map():
+    """The map in captioning/__init__.py's docstring: {"taught": [modules], "plumbing": [modules]},
+    in its order. A line of the map starts with four spaces and a module's name."""
+    import captioning
+
+    taught_part, plumbing_part = captioning.__doc__.split("Plumbing:")
+    return {group: [line.split()[0] for line in part.splitlines()
+                    if line.startswith("    ") and line.split() and line.split()[0].isidentifier()]
+            for group, part in (("taught", taught_part), ("plumbing", plumbing_part))}
+
+
+def test_no_module_is_longer_than_a_sitting():
+    # Issue 29: a module reads in one sitting. 400 lines is the ceiling, not the aim.
+    lengths = {path.name: len(path.read_text(encoding="utf-8").splitlines()) for path in PACKAGE.glob("*.py")}
+    assert {name: lines for name, lines in lengths.items() if lines > 400} == {}
+
+
+def test_the_package_map_names_every_module_once():
+    groups = package_map()
+    named = groups["taught"] + groups["plumbing"]
+    modules = {path.stem for path in PACKAGE.glob("*.py") if path.stem not in ("__init__", "__main__")}
+    assert sorted(named) == sorted(modules), "captioning/__init__.py's map and the package's modules differ"
+
+
+def test_the_readme_sorts_the_modules_as_the_package_map_does():
+    # The README's reading guide names the taught modules and the plumbing; it must not drift
+    # from the map it summarises when a module is added, split or renamed.
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    guide = readme.split("## Reading the package", 1)[1].split("\n## ", 1)[0]
+    taught_line = next(line for line in guide.splitlines() if line.startswith("Taught"))
+    plumbing_line = next(line for line in guide.splitlines() if line.startswith("Plumbing"))
+    groups = package_map()
+    assert re.findall(r"`(\w+)`", taught_line) == groups["taught"]
+    assert re.findall(r"`(\w+)`", plumbing_line) == groups["plumbing"]
