@@ -37,7 +37,7 @@ def _missing(reason):
                 "`.ci/run` does) to run the browser test")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # session: checked before the session's trained bundle is built
 def browser_tools():
     """Debian's chromium and chromedriver, and the selenium and voila packages."""
     absent = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
