@@ -122,7 +122,7 @@ def test_the_beam_width_slider_redraws_the_table_in_a_browser(browser_tools, fli
     environment = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
     log = open(tmp_path / "voila.log", "w")
     voila = subprocess.Popen(
-        [sys.executable, "-m", "voila", notebook.name, "--no-browser", f"--Voila.ip=127.0.0.1", f"--Voila.port={port}",
+        [sys.executable, "-m", "voila", notebook.name, "--no-browser", "--Voila.ip=127.0.0.1", f"--Voila.port={port}",
          "--Voila.port_retries=0", "--VoilaConfiguration.show_tracebacks=True",
          f"--NotebookClient.timeout={PAGE_TIMEOUT}"],
         cwd=notebook.parent, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
