@@ -39,11 +39,15 @@ decoding.beam_search, scores log_prob / length ** alpha. Beam width 1 is
 greedy decoding, which (as in `caption --beam 1`) ignores no_repeat_ngram.
 
 Each export is written in a temporary folder beside DIR and renamed into
-place, so a failed export never leaves half a folder under its name.
+place, so a failed export never leaves half a folder under its name; a full
+disk or a folder it may not write is reported as an OSError naming DIR
+(what the user gave), whether Python or TensorFlow's writer met it.
 export.json in it says what it is; only a folder holding one (or an empty
 folder) may be replaced.
 """
 
+import errno
+import os
 import secrets
 import shutil
 from pathlib import Path
@@ -319,28 +323,51 @@ def export_bundle(bundle_dir, out_dir, format="savedmodel", beam_width=3, weight
         raise ValueError(f"{settings_file}: the encoder gives features of shape {list(encoder.feature_shape)} "
                          f"but field feature_shape says {captioner.settings['feature_shape']}")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
-    staging.mkdir()
     try:
-        signature = (_savedmodel if format == "savedmodel" else _litert)(captioner, encoder, int(beam_width),
-                                                                           staging)
-        decoding = captioner.settings.get("decoding", {}) if int(beam_width) > 1 else {"greedy": True}
-        write_json_atomic(staging / MARKER, {
-            "format": format, **signature, "bundle": str(Path(bundle_dir).resolve()),
-            "arch": captioner.settings["arch"], "beam_width": int(beam_width), "decoding": decoding,
-            "encoder": settings, "vocab_fingerprint": captioner.vocab.fingerprint})
-        # A previous export steps aside, the new one takes its name, then the old one goes.
-        previous = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.old")
-        if out_dir.exists():
-            out_dir.rename(previous)
-        try:
-            staging.rename(out_dir)
-        except OSError:
-            if previous.exists():
-                previous.rename(out_dir)
-            raise
-        shutil.rmtree(previous, ignore_errors=True)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+        _write(captioner, encoder, format, int(beam_width), bundle_dir, settings, staging, out_dir)
+    except (OSError, tf.errors.OpError) as error:
+        raise _disk_error(error, out_dir) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+# What the file system said, read from an OSError or from TensorFlow's own writer (which
+# raises its errors with the C library's text in the message, not an errno).
+DISK_ERRORS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+               "File too large": errno.EFBIG, "Permission denied": errno.EACCES,
+               "Read-only file system": errno.EROFS}
+
+
+def _disk_error(error, out_dir):
+    """The error as an OSError naming out_dir, the folder the user gave, not our staging folder
+    (which is gone by the time they read it); an error that is not about the disk, unchanged."""
+    number = getattr(error, "errno", None) if isinstance(error, OSError) else None
+    number = number or next((code for text, code in DISK_ERRORS.items() if text in str(error)), None)
+    if number not in DISK_ERRORS.values():
+        return error
+    return OSError(number, os.strerror(number), str(out_dir))
+
+
+def _write(captioner, encoder, format, beam_width, bundle_dir, settings, staging, out_dir):
+    """The export in `staging`, then renamed to out_dir (a previous export steps aside first)."""
+    signature = (_savedmodel if format == "savedmodel" else _litert)(captioner, encoder, beam_width, staging)
+    decoding = captioner.settings.get("decoding", {}) if beam_width > 1 else {"greedy": True}
+    write_json_atomic(staging / MARKER, {
+        "format": format, **signature, "bundle": str(Path(bundle_dir).resolve()),
+        "arch": captioner.settings["arch"], "beam_width": beam_width, "decoding": decoding,
+        "encoder": settings, "vocab_fingerprint": captioner.vocab.fingerprint})
+    # A previous export steps aside, the new one takes its name, then the old one goes.
+    previous = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.old")
+    if out_dir.exists():
+        out_dir.rename(previous)
+    try:
+        staging.rename(out_dir)
+    except OSError:
+        if previous.exists():
+            previous.rename(out_dir)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)

@@ -2,7 +2,9 @@
 SavedModel cannot read, an empty batch, a folder it may not write, a full disk. Each ends as
 tests/test_faults.py expects: the good work done, the bad named, one line, nothing half-written."""
 
+import errno
 import json
+import os
 
 import numpy as np
 import pytest
@@ -72,3 +74,71 @@ def test_export_json_describes_the_per_photo_outputs(served, merge_bundle, tmp_p
     outputs = json.loads((out / export.MARKER).read_text())["outputs"]
     assert set(outputs) == {"captions", "scores", "ok", "errors"}
 
+
+# --- the folder: an unwritable place or a full disk, through the command line ---------------------
+
+@pytest.fixture
+def quick_export(merge_bundle, monkeypatch):
+    """`export` with stand-ins for the CNN and the writer: these tests are about the folder.
+    Returns a function that makes the writer write half a file, then fail with `error`."""
+    monkeypatch.setattr(export, "build_encoder_like", lambda *args, **kwargs: merge_bundle[1])
+
+    def failing(error):
+        def write(captioner, encoder, beam_width, folder):
+            (folder / "saved_model.pb").write_bytes(b"half")
+            raise error
+        monkeypatch.setattr(export, "_savedmodel", write)
+    return failing
+
+
+def export_command(bundle, out):
+    return cli.main(["export", "--model", str(bundle), "--out", str(out)])
+
+
+@pytest.mark.parametrize("error, words", [
+    (OSError(errno.ENOSPC, "No space left on device", "saved_model.pb"), "no space left on the disk while writing"),
+    (tf.errors.ResourceExhaustedError(None, None, "saved_model.pb; No space left on device"),
+     "no space left on the disk while writing"),
+    (tf.errors.PermissionDeniedError(None, None, "saved_model.pb; Permission denied"), "Permission denied"),
+])
+def test_a_full_disk_or_a_refused_write_is_one_line_naming_the_folder_and_leaves_nothing(
+        merge_bundle, quick_export, tmp_path, capsys, error, words):
+    quick_export(error)
+    out = tmp_path / "exported"
+    assert export_command(merge_bundle[0], out) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0] and str(out) in err[0], err
+    assert ".tmp" not in err[0] and list(tmp_path.iterdir()) == []  # no half folder, no staging left
+
+
+def test_a_failed_export_over_a_previous_one_keeps_the_previous_one(merge_bundle, quick_export, tmp_path, capsys):
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / export.MARKER).write_text("{}")
+    (out / "saved_model.pb").write_bytes(b"the previous export")
+    quick_export(OSError(errno.ENOSPC, "No space left on device"))
+    assert export_command(merge_bundle[0], out) == 1 and "no space left" in capsys.readouterr().err
+    assert (out / "saved_model.pb").read_bytes() == b"the previous export"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["exported"]
+
+
+def test_an_unwritable_folder_is_one_line_naming_it(merge_bundle, quick_export, tmp_path, capsys, monkeypatch):
+    quick_export(AssertionError("the writer must not be reached"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.geteuid() == 0:  # root writes anywhere: refuse the staging folder as the kernel would refuse others
+        real_mkdir = export.Path.mkdir
+
+        def refused(self, *args, **kwargs):
+            if self.parent == locked:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real_mkdir(self, *args, **kwargs)
+        monkeypatch.setattr(export.Path, "mkdir", refused)
+    try:
+        assert export_command(merge_bundle[0], locked / "exported") == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{locked / 'exported'}: Permission denied" in err[0], err
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
