@@ -351,29 +351,6 @@ def describe(error):
     return f"unexpected {type(error).__name__}: {error} (run again with --debug to see where)"
 
 
-def _wait_for_peers(argv):
-    """Wait for the other workers (captioning/cluster.py) before TensorFlow does it silently;
-    None once they answer, else the exit status after a one-line message."""
-    from captioning import cluster
-
-    if not os.environ.get("TF_CONFIG"):
-        return None  # one worker alone: nobody to wait for
-    # Only --peer-timeout, read before the full parser: checking the other options imports TensorFlow.
-    early = argparse.ArgumentParser(prog="python -m captioning train", add_help=False)
-    early.add_argument("--peer-timeout", type=bounded(1), default=cluster.DEFAULT_TIMEOUT)
-    timeout = early.parse_known_args(argv)[0].peer_timeout  # a bad value exits 2 with the usage line
-    try:
-        cluster.wait_for_peers(os.environ["TF_CONFIG"], timeout=timeout)
-    except cluster.Stopped as stop:
-        print(f"stopped ({stop}) while waiting for the other workers: nothing was started; run the same "
-              "command again on every machine", file=sys.stderr)
-        return 130 if str(stop) == "SIGINT" else 143
-    except cluster.ClusterError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return None
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(argument) for argument in argv]
     if "multi-worker" in argv and "--distribute" in argv:
@@ -383,9 +360,10 @@ def main(argv=None):
             print(f"error: the TF_CONFIG environment variable {problem} (README: More than one machine)",
                   file=sys.stderr)
             return 1
-        problem = _wait_for_peers(argv)
-        if problem:
-            return problem
+        from captioning.cluster import wait_from_command_line
+        status = wait_from_command_line(argv)
+        if status:
+            return status
         # Before anything imports TensorFlow (checking --arch does): see quiet_tensorflow.
         from captioning import quiet_tensorflow
         quiet_tensorflow(multi_worker=True)
