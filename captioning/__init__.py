@@ -27,6 +27,7 @@ them on a first reading.
     bundle         a trained model saved with its vocabulary and settings             (notebook 03)
     pipeline       the `train` and `evaluate` commands, end to end                    (notebooks 03, 05)
     export         a bundle as a SavedModel or .tflite that runs without this package (notebook 04)
+    cluster        multi-worker start-up: waiting for the peers TF_CONFIG names
     widgets        what the interactive panels compute: beam table, attention maps   (notebooks 04, 06)
     fileio         atomic writes, the data/work layout
     cli            `python -m captioning ...`

@@ -137,6 +137,8 @@ def build_parser():
     train.add_argument("--seed", type=bounded(0), default=0)
     train.add_argument("--distribute", choices=("none", "mirrored", "multi-worker"), default="none",
                        help="tf.distribute strategy: all local GPUs, or several machines (TF_CONFIG)")
+    train.add_argument("--peer-timeout", type=bounded(1), default=120, metavar="SECONDS",
+                       help="multi-worker: how long to wait for the other workers to answer (default %(default)s)")
     train.set_defaults(handler=cmd_train)
 
     caption = commands.add_parser("caption", help="caption image files with a trained bundle")
@@ -358,6 +360,10 @@ def main(argv=None):
             print(f"error: the TF_CONFIG environment variable {problem} (README: More than one machine)",
                   file=sys.stderr)
             return 1
+        from captioning.cluster import wait_from_command_line
+        status = wait_from_command_line(argv)
+        if status:
+            return status
         # Before anything imports TensorFlow (checking --arch does): see quiet_tensorflow.
         from captioning import quiet_tensorflow
         quiet_tensorflow(multi_worker=True)

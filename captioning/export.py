@@ -6,7 +6,12 @@ bytes to the caption string, as one TensorFlow graph:
 
     savedmodel  a TensorFlow SavedModel whose `serving_default` signature takes
                 a 1-D tf.string batch of encoded photos (JPEG, PNG, GIF, BMP)
-                and returns {"captions": tf.string, "scores": tf.float32}.
+                and returns {"captions": tf.string, "scores": tf.float32,
+                "ok": tf.bool, "errors": tf.string}, one of each per photo:
+                a photo it cannot read (not an image, damaged, under 16
+                px) gets ok False, its reason, "" and a NaN score, and
+                the others of the batch are captioned all the same. An
+                empty batch gives empty outputs.
                 In the graph: decoding and resizing the photo exactly as
                 images.py does, the encoder CNN (and its mirror averaging, if used),
                 the decoder, beam search in a tf.while_loop with the
@@ -34,11 +39,15 @@ decoding.beam_search, scores log_prob / length ** alpha. Beam width 1 is
 greedy decoding, which (as in `caption --beam 1`) ignores no_repeat_ngram.
 
 Each export is written in a temporary folder beside DIR and renamed into
-place, so a failed export never leaves half a folder under its name.
+place, so a failed export never leaves half a folder under its name; a full
+disk or a folder it may not write is reported as an OSError naming DIR
+(what the user gave), whether Python or TensorFlow's writer met it.
 export.json in it says what it is; only a folder holding one (or an empty
 folder) may be replaced.
 """
 
+import errno
+import os
 import secrets
 import shutil
 from pathlib import Path
@@ -188,27 +197,57 @@ def graph_search(captioner, beam_width=3, dtype=tf.float64):
     return search
 
 
-def _read_photo(encoded, encoder):
-    """Encoded bytes -> the encoder's input, as images.py reads a file."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    size = tf.shape(image)
-    big_enough = tf.debugging.assert_greater_equal(
-        tf.minimum(size[0], size[1]), image_io.MIN_SIDE, message=f"a photo is smaller than {image_io.MIN_SIDE} px")
-    with tf.control_dependencies([big_enough]):
-        return encoder.preprocess(image_io.resize(image, encoder.image_size))
+NOT_A_PHOTO = "not a photo it can decode (JPEG, PNG, GIF or BMP), or damaged"
+TOO_SMALL = f"smaller than {image_io.MIN_SIDE} px on a side"
+
+
+def _read_photos(images, encoder):
+    """Encoded bytes (N,) -> (ok (N,) bool, errors (N,) string, the encoder's input for the ok ones).
+
+    A graph cannot catch an op's error, but tf.data can drop the elements whose
+    decoding fails (ignore_errors): each element carries its index through, so
+    the indices that come out are the photos that decoded. Size is checked after
+    decoding, as images.py does, without raising: one bad photo costs only itself.
+    """
+    size = encoder.image_size
+
+    def decode(index, encoded):
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        return index, tf.reduce_min(tf.shape(image)[:2]), image_io.resize(image, size)
+
+    decoded = tf.data.Dataset.from_tensor_slices((tf.range(tf.size(images)), images)).map(decode).ignore_errors()
+    empty = (tf.zeros((0,), tf.int32), tf.zeros((0,), tf.int32), tf.zeros((0, size, size, 3), tf.float32))
+    indices, sides, pixels = decoded.batch(64).reduce(
+        empty, lambda state, batch: tuple(tf.concat([old, new], 0) for old, new in zip(state, batch)))
+    big_enough = sides >= image_io.MIN_SIDE
+    count = tf.size(images)
+    decodes = tf.scatter_nd(indices[:, None], tf.ones_like(indices, tf.bool), [count])
+    ok = tf.scatter_nd(indices[:, None], big_enough, [count])
+    errors = tf.where(ok, "", tf.where(decodes, TOO_SMALL, NOT_A_PHOTO))
+    good = tf.boolean_mask(indices, big_enough)
+    return ok, errors, good, encoder.preprocess(tf.boolean_mask(pixels, big_enough))
 
 
 def _savedmodel(captioner, encoder, beam_width, out_dir):
     search, words = graph_search(captioner, beam_width, tf.float64), tf.constant(captioner.vocab.words)
-    photo = tf.TensorSpec((encoder.image_size, encoder.image_size, 3), tf.float32)
 
     @tf.function(input_signature=[tf.TensorSpec((None,), tf.string, name="images")])
     def serve(images):
-        pixels = tf.map_fn(lambda encoded: _read_photo(encoded, encoder), images, fn_output_signature=photo)
-        ids, lengths, scores = search(encoder._forward(pixels))  # the Encoder's own forward pass
-        text = tf.strings.reduce_join(tf.gather(words, tf.RaggedTensor.from_tensor(ids, lengths=lengths)),
-                                      axis=1, separator=" ")
-        return {"captions": text, "scores": tf.cast(scores, tf.float32)}
+        ok, errors, good, pixels = _read_photos(images, encoder)
+
+        def caption():
+            ids, lengths, scores = search(encoder._forward(pixels))  # the Encoder's own forward pass
+            text = tf.strings.reduce_join(tf.gather(words, tf.RaggedTensor.from_tensor(ids, lengths=lengths)),
+                                          axis=1, separator=" ")
+            return text, tf.cast(scores, tf.float32)
+
+        # The CNN's batch normalisation fails on a batch of no photos: with none to read, it is skipped.
+        text, scores = tf.cond(tf.size(good) > 0, caption, lambda: (tf.zeros((0,), tf.string), tf.zeros((0,))))
+        # Back to the order given: the photos it could not read get "" and a NaN score.
+        count = tf.size(images)
+        captions = tf.tensor_scatter_nd_update(tf.fill([count], ""), good[:, None], text)
+        scores = tf.tensor_scatter_nd_update(tf.fill([count], np.float32(np.nan)), good[:, None], scores)
+        return {"captions": captions, "scores": scores, "ok": ok, "errors": errors}
 
     module = tf.Module()
     # The weights the graph reads, tracked so that they are saved (as keras.export does: the
@@ -221,7 +260,10 @@ def _savedmodel(captioner, encoder, beam_width, out_dir):
     finally:
         logger.setLevel(level)
     return {"inputs": {"images": "(N,) string: encoded photos (JPEG, PNG, GIF or BMP)"},
-            "outputs": {"captions": "(N,) string", "scores": "(N,) float32: log_prob / length ** length_alpha"}}
+            "outputs": {"captions": "(N,) string, '' where ok is false",
+                        "scores": "(N,) float32: log_prob / length ** length_alpha, NaN where ok is false",
+                        "ok": "(N,) bool: whether the photo could be read",
+                        "errors": "(N,) string: why not, '' where ok is true"}}
 
 
 def _litert(captioner, encoder, beam_width, out_dir):
@@ -281,28 +323,51 @@ def export_bundle(bundle_dir, out_dir, format="savedmodel", beam_width=3, weight
         raise ValueError(f"{settings_file}: the encoder gives features of shape {list(encoder.feature_shape)} "
                          f"but field feature_shape says {captioner.settings['feature_shape']}")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
-    staging.mkdir()
     try:
-        signature = (_savedmodel if format == "savedmodel" else _litert)(captioner, encoder, int(beam_width),
-                                                                           staging)
-        decoding = captioner.settings.get("decoding", {}) if int(beam_width) > 1 else {"greedy": True}
-        write_json_atomic(staging / MARKER, {
-            "format": format, **signature, "bundle": str(Path(bundle_dir).resolve()),
-            "arch": captioner.settings["arch"], "beam_width": int(beam_width), "decoding": decoding,
-            "encoder": settings, "vocab_fingerprint": captioner.vocab.fingerprint})
-        # A previous export steps aside, the new one takes its name, then the old one goes.
-        previous = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.old")
-        if out_dir.exists():
-            out_dir.rename(previous)
-        try:
-            staging.rename(out_dir)
-        except OSError:
-            if previous.exists():
-                previous.rename(out_dir)
-            raise
-        shutil.rmtree(previous, ignore_errors=True)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+        _write(captioner, encoder, format, int(beam_width), bundle_dir, settings, staging, out_dir)
+    except (OSError, tf.errors.OpError) as error:
+        raise _disk_error(error, out_dir) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+# What the file system said, read from an OSError or from TensorFlow's own writer (which
+# raises its errors with the C library's text in the message, not an errno).
+DISK_ERRORS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+               "File too large": errno.EFBIG, "Permission denied": errno.EACCES,
+               "Read-only file system": errno.EROFS}
+
+
+def _disk_error(error, out_dir):
+    """The error as an OSError naming out_dir, the folder the user gave, not our staging folder
+    (which is gone by the time they read it); an error that is not about the disk, unchanged."""
+    number = getattr(error, "errno", None) if isinstance(error, OSError) else None
+    number = number or next((code for text, code in DISK_ERRORS.items() if text in str(error)), None)
+    if number not in DISK_ERRORS.values():
+        return error
+    return OSError(number, os.strerror(number), str(out_dir))
+
+
+def _write(captioner, encoder, format, beam_width, bundle_dir, settings, staging, out_dir):
+    """The export in `staging`, then renamed to out_dir (a previous export steps aside first)."""
+    signature = (_savedmodel if format == "savedmodel" else _litert)(captioner, encoder, beam_width, staging)
+    decoding = captioner.settings.get("decoding", {}) if beam_width > 1 else {"greedy": True}
+    write_json_atomic(staging / MARKER, {
+        "format": format, **signature, "bundle": str(Path(bundle_dir).resolve()),
+        "arch": captioner.settings["arch"], "beam_width": beam_width, "decoding": decoding,
+        "encoder": settings, "vocab_fingerprint": captioner.vocab.fingerprint})
+    # A previous export steps aside, the new one takes its name, then the old one goes.
+    previous = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.old")
+    if out_dir.exists():
+        out_dir.rename(previous)
+    try:
+        staging.rename(out_dir)
+    except OSError:
+        if previous.exists():
+            previous.rename(out_dir)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)

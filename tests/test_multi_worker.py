@@ -142,3 +142,57 @@ def test_a_malformed_tf_config_is_one_line_naming_the_variable(tmp_path, config,
     assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert lines[0].startswith("error: the TF_CONFIG environment variable") and message in lines[0], lines[0]
     assert not (tmp_path / "out").exists()
+
+
+# --- start-up: peers that do not answer (captioning/cluster.py) -------------------------------
+
+def lone_worker(tmp_path, cluster, *more):
+    """Worker 0 of `cluster`, started alone: its peers never come."""
+    config = json.dumps({"cluster": {"worker": cluster}, "task": {"type": "worker", "index": 0}})
+    return subprocess.Popen([sys.executable, "-m", "captioning", "train", "--dataset", "flickr8k", "--data-dir",
+                             str(tmp_path), "--encoder", "mobilenet_v2", "--weights", "none", "--out",
+                             str(tmp_path / "out"), "--distribute", "multi-worker", *map(str, more)], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), TF_CONFIG=config),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_peer_that_never_starts_is_named_and_given_up_on_after_the_timeout(tmp_path):
+    own, peer = free_ports(2)
+    worker = lone_worker(tmp_path, [f"127.0.0.1:{own}", f"127.0.0.1:{peer}"], "--peer-timeout", 3)
+    _, stderr = worker.communicate(timeout=120)
+    lines = stderr.strip().splitlines()
+    assert worker.returncode == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert lines[0].startswith("waiting for workers: ") and f"127.0.0.1:{peer}" in lines[0]
+    assert f"127.0.0.1:{own}" not in lines[0]  # itself it does not wait for
+    assert len(lines) == 2 and lines[1].startswith("error: no answer after 3 s from") and f"127.0.0.1:{peer}" in lines[1]
+    assert "--peer-timeout" in lines[1] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("signal_number, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_or_ctrl_c_while_waiting_stops_at_once_with_a_message(tmp_path, signal_number, status):
+    worker = lone_worker(tmp_path, [f"127.0.0.1:{port}" for port in free_ports(2)])  # the default 2 minutes
+    assert worker.stderr.readline().startswith("waiting for workers: ")
+    started = time.monotonic()
+    worker.send_signal(signal_number)
+    _, stderr = worker.communicate(timeout=60)
+    assert worker.returncode == status and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.startswith("stopped (") and "while waiting for the other workers" in stderr
+    assert time.monotonic() - started < 30  # long before the 2 minutes are up
+
+
+def test_the_readme_s_host_names_as_they_are_fail_at_once_naming_them(tmp_path):
+    worker = lone_worker(tmp_path, ["host1:12345", "host2:12345"])  # README: More than one machine
+    _, stderr = worker.communicate(timeout=60)
+    lines = stderr.strip().splitlines()
+    assert worker.returncode == 1 and len(lines) == 1, stderr[-2000:]
+    assert "do not resolve: host1:12345, host2:12345" in lines[0] and "README" in lines[0]
+
+
+def test_the_port_of_this_worker_taken_by_another_program_is_named(tmp_path):
+    own, peer = free_ports(2)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", own))
+        squatter.listen()
+        worker = lone_worker(tmp_path, [f"127.0.0.1:{own}", f"127.0.0.1:{peer}"], "--peer-timeout", 3)
+        _, stderr = worker.communicate(timeout=60)
+    assert worker.returncode == 1 and f"port {own}" in stderr and "Traceback" not in stderr, stderr[-2000:]
