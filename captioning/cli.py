@@ -19,6 +19,8 @@ import importlib
 import os
 import sys
 
+from captioning import cluster
+
 
 class TableNames:
     """The names in one of the package's tables, for argparse's `choices`, read only when
@@ -137,7 +139,7 @@ def build_parser():
     train.add_argument("--seed", type=bounded(0), default=0)
     train.add_argument("--distribute", choices=("none", "mirrored", "multi-worker"), default="none",
                        help="tf.distribute strategy: all local GPUs, or several machines (TF_CONFIG)")
-    train.add_argument("--peer-timeout", type=bounded(1), default=120, metavar="SECONDS",
+    train.add_argument("--peer-timeout", type=bounded(1), default=cluster.DEFAULT_TIMEOUT, metavar="SECONDS",
                        help="multi-worker: how long to wait for the other workers to answer (default %(default)s)")
     train.set_defaults(handler=cmd_train)
 
@@ -360,8 +362,11 @@ def main(argv=None):
             print(f"error: the TF_CONFIG environment variable {problem} (README: More than one machine)",
                   file=sys.stderr)
             return 1
-        from captioning.cluster import wait_from_command_line
-        status = wait_from_command_line(argv)
+                # Only --peer-timeout is read before the wait: the full parser's checks import TensorFlow,
+        # which must not start before the strategy is made. A bad value exits 2 with the usage line.
+        early = argparse.ArgumentParser(prog="python -m captioning train", add_help=False)
+        early.add_argument("--peer-timeout", type=bounded(1), default=cluster.DEFAULT_TIMEOUT)
+        status = cluster.wait_from_command_line(early.parse_known_args(argv)[0].peer_timeout)
         if status:
             return status
         # Before anything imports TensorFlow (checking --arch does): see quiet_tensorflow.

@@ -16,7 +16,6 @@ just before the strategy binds the port; a peer that checks in that instant
 retries until TensorFlow's server answers instead.
 """
 
-import argparse
 import json
 import os
 import signal
@@ -117,18 +116,12 @@ def wait_for_peers(tf_config, timeout=DEFAULT_TIMEOUT, log=None, poll=0.5):
         signal.signal(signal.SIGTERM, previous)
 
 
-def wait_from_command_line(argv):
+def wait_from_command_line(timeout=DEFAULT_TIMEOUT):
     """`train --distribute multi-worker`: wait for the other workers before TensorFlow does it
     silently. None once they answer (or TF_CONFIG is unset: one worker alone), else the exit
-    status after a one-line message."""
-    from captioning.cli import bounded
-
+    status after a one-line message. cli.main reads --peer-timeout before calling this."""
     if not os.environ.get("TF_CONFIG"):
         return None
-    # Only --peer-timeout, read before the full parser: checking the other options imports TensorFlow.
-    early = argparse.ArgumentParser(prog="python -m captioning train", add_help=False)
-    early.add_argument("--peer-timeout", type=bounded(1), default=DEFAULT_TIMEOUT)
-    timeout = early.parse_known_args(argv)[0].peer_timeout  # a bad value exits 2 with the usage line
     try:
         wait_for_peers(os.environ["TF_CONFIG"], timeout=timeout)
     except Stopped as stop:
