@@ -23,6 +23,7 @@ them on a first reading.
     download       annotations and image subsets for users online                     (notebook 01)
     images         reading photos, checked at the door
     features       a resumable on-disk cache of the encoders' vectors                 (notebook 02)
+    feature_jobs   how one caching job runs: what changed, chunks, the lock, resuming (notebook 02)
     feature_store  that cache's file format
     bundle         a trained model saved with its vocabulary and settings             (notebook 03)
     pipeline       the `train` and `evaluate` commands, end to end                    (notebooks 03, 05)
