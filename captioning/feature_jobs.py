@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from captioning.feature_store import (DTYPE, FORMAT_VERSION, SETTINGS, STORE_FILES, CacheReport, as_tuples,
-                                      check_settings)
+                                      check_settings, open_features)
 from captioning.fileio import atomic_path, printable, read_json, sha256_of, write_json_atomic
 
 CHUNK_BATCHES = 4  # batches per chunk: what a killed job can lose at most
@@ -68,12 +68,16 @@ def _known_records(*files):
     return known
 
 
-def _fingerprints(entries, known):
-    """(image id -> {path, size, mtime_ns, sha256} or {path, error} for a file that cannot be
-    read, how many files were hashed).
+def _fingerprints(entries, known, rehash=False):
+    """(image id -> {path, size, mtime_ns, ctime_ns, sha256} or {path, error} for a file that
+    cannot be read, how many files were hashed).
 
-    Stats every file, hashes only those whose path, size or mtime moved since
-    `known` recorded them. Never opens anything but a regular file.
+    Stats every file, hashes only those whose path, size, mtime or ctime moved
+    since `known` recorded them (all of them with rehash=True). The ctime is
+    what catches `cp -p` or `rsync -t` over a photo: they copy the size and the
+    mtime, but no program can set a file's ctime, which the system moves to
+    "now" whenever the file's bytes or metadata change. Never opens anything
+    but a regular file.
     """
     from captioning import images as image_io
 
@@ -83,9 +87,9 @@ def _fingerprints(entries, known):
         if reason:
             records[image_id] = {"path": path, "error": reason}
             continue
-        record = {"path": path, "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+        record = {"path": path, "size": info.st_size, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns}
         old, trusted = known.get(image_id, ({}, False))
-        if trusted and "sha256" in old and all(old.get(key) == value for key, value in record.items()):
+        if trusted and not rehash and "sha256" in old and all(old.get(key) == value for key, value in record.items()):
             records[image_id] = {**record, "sha256": old["sha256"]}
             continue
         hashed += 1
@@ -205,7 +209,7 @@ def _stash(out_dir):
     return base
 
 
-def plan_update(out_dir, entries, settings):
+def plan_update(out_dir, entries, settings, rehash=False):
     """Compare the images asked for with the store in `out_dir` (or the one an unfinished
     update of it put aside): which rows can be kept, which photos must be encoded."""
     base_dir = None
@@ -215,19 +219,25 @@ def plan_update(out_dir, entries, settings):
         base_dir = _stash(out_dir)  # an update is under way (and its stash may have been cut short)
     base, base_ids, base_sources = None, [], {}
     if base_dir is not None:
-        base = read_json(base_dir / "manifest.json", "feature cache manifest")
+        base = read_json(base_dir / "manifest.json", "feature cache manifest", kind=dict)
         check_settings(base, settings, out_dir)
+        problem = "was made by an older version that did not record the photos' content"
         if base.get("format") == FORMAT_VERSION:
-            base_ids = read_json(base_dir / base["ids_file"], "feature cache index")
-            base_sources = read_json(base_dir / base["sources_file"], "feature cache sources")
-        else:
-            print(f"feature cache {printable(out_dir)} was made by an older version that did not record the "
-                  f"photos' content: encoding all {len(entries)} again")
+            try:  # a store cut short (a full disk, a copy stopped half-way) is rebuilt, not read
+                base_ids = read_json(base_dir / base["ids_file"], "feature cache index", kind=list)
+                base_sources = read_json(base_dir / base["sources_file"], "feature cache sources", kind=dict)
+                open_features(base_dir / base["features_file"], (len(base_ids), *base["feature_shape"]))
+                problem = None
+            except (ValueError, FileNotFoundError):
+                problem = "is damaged (one of its files is missing, cut short or unreadable)"
+        if problem:
+            print(f"feature cache {printable(out_dir)} {problem}: encoding all {len(entries)} again")
             (base_dir / "manifest.json").unlink()  # it is rebuilt from scratch, so it must not be read meanwhile
             base = base_dir = None
+            base_ids, base_sources = [], {}
     sources_file = base_dir / base["sources_file"] if base else None
     known = _known_records(out_dir / "partial" / "sources.json", sources_file)
-    records, hashed = _fingerprints(entries, known)
+    records, hashed = _fingerprints(entries, known, rehash)
 
     kept_rows, kept_skipped, todo, changed = [], [], [], []
     rows = set(base_ids)
@@ -276,23 +286,42 @@ def _base_id(base_dir):
         return hashlib.sha256(handle.read()).hexdigest()
 
 
-def plan_shard(out_dir, entries, settings, shard):
+def plan_shard(out_dir, entries, settings, shard, rehash=False):
     """A shard encodes its share of all the images, from scratch (no earlier store is reused)."""
     marker, sources_file = out_dir / "shard.json", out_dir / "partial" / "sources.json"
-    records, hashed = _fingerprints(entries, _known_records(sources_file))
+    records, hashed = _fingerprints(entries, _known_records(sources_file), rehash)
     lines = [f"{image_id}\t{path}\t{_content(records[image_id])}" for image_id, path in entries]
     work = {"encode": len(entries), "sha256": _digest(lines), "base": None, "shard": shard}
     if marker.is_file():
         found = read_json(marker, "finished shard marker")
         check_settings(found, settings, out_dir)
-        if found.get("format") == FORMAT_VERSION and found.get("work") == work:
+        missing = [path for path in shard_chunks(out_dir, found) if not path.is_file()]
+        if missing and found.get("work") == work:
+            # A chunk deleted because it was damaged (feature_store.read_chunks says to): encode it again.
+            print(f"shard {printable(out_dir)}: {_plural(len(missing), 'chunk file')} missing "
+                  f"(e.g. {missing[0].name}): encoding {'it' if len(missing) == 1 else 'them'} again")
+        elif found.get("format") == FORMAT_VERSION and found.get("work") == work:
             if records != found["sources"]:
                 write_json_atomic(marker, {**found, "sources": records})
             if hashed:
                 write_json_atomic(sources_file, records)  # no need to hash them again
             return Plan(records, report=CacheReport(out_dir, found["count"], as_tuples(found["skipped"])))
-        marker.unlink()  # same settings, other images: build again for these
+        marker.unlink()  # same settings, other images (or a chunk lost): build again for these
     return Plan(records, entries, work)
+
+
+def shard_chunks(folder, job):
+    """The chunk files of the shard `folder`, whose finished job (shard.json) is `job`."""
+    index, count = job["work"]["shard"]
+    numbers = range((job["work"]["encode"] + job["chunk_size"] - 1) // job["chunk_size"])
+    return [chunk_path(folder, number) for number in numbers if number % count == index]
+
+
+def same_photos(a, b):
+    """Two sources.json say the same photos: the same ids, paths and contents (their times aside)."""
+    def photos(sources):
+        return {image_id: (record.get("path"), _content(record)) for image_id, record in sources.items()}
+    return photos(a) == photos(b)
 
 
 def resume(out_dir, job, records):

@@ -3,13 +3,20 @@
 Taught in notebook 02 (02_feature_caching.ipynb). Encoding 120,000 COCO
 photos takes hours on a CPU, so we do it once and never lose the work:
 
-* A cache is keyed on content. For every image it records the file's size,
-  mtime and sha256 (sources.json). A run stats every image, hashes again only
-  those whose size or mtime moved, and encodes only the photos whose content
-  changed or that are new; the rows of the others are copied from the store
-  as it was. Images no longer asked for are dropped: a cache holds exactly
-  what it was last asked. A photo replaced at the same path is never served
-  with its old features, and the run says so in one line.
+* A cache is keyed on content. For every image it records the file's path,
+  size, mtime, ctime and sha256 (sources.json). A run stats every image,
+  hashes again only those whose path, size or times moved, and encodes only
+  the photos whose content changed or that are new; the rows of the others
+  are copied from the store as it was. Images no longer asked for are
+  dropped: a cache holds exactly what it was last asked. A photo replaced at
+  the same path is never served with its old features, and the run says so
+  in one line. The ctime is what notices a replacement that kept the size and
+  the mtime (`cp -p`, `rsync -t`): no program can set it. The trade: reading
+  every photo on every run would cost as much as a minute per 10,000 photos,
+  so a file system whose ctime does not move on a write (Windows reports the
+  creation time; some network and FAT drives keep none) is trusted on size and
+  mtime alone. There, `cache_features(..., rehash=True)` (`features --rehash`)
+  reads every photo once to check its content.
 * The images to encode are sorted by id and cut into chunks of a few batches
   (128 photos at batch 32). Each chunk is encoded in the same batches every
   time and written to `partial/chunk-NNNNNN.npz` through a temporary file and
@@ -64,7 +71,7 @@ def _encoder_settings(encoder, weights, pooling, mirror):
 
 
 def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet", pooling="avg", mirror=None,
-                   batch_size=32, shard=None, progress=True, chunk_size=None):
+                   batch_size=32, shard=None, progress=True, chunk_size=None, rehash=False):
     """Encode every image once into the store at `out_dir`, keeping whatever is already there
     for photos that did not change, and resuming an unfinished run.
 
@@ -73,6 +80,7 @@ def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet
     already built.
     `shard=(i, n)`: only this machine's share, to be combined with merge_shards.
     `chunk_size`: images per checkpoint (default: 4 batches; keep it a multiple of batch_size).
+    `rehash=True`: read every photo to check its content, not only those whose size or times moved.
     Returns a CacheReport (`computed`: how many photos this call encoded); read the store with
     FeatureStore.open(out_dir). Taught in notebook 02.
     """
@@ -93,9 +101,9 @@ def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet
     with jobs.lock(out_dir):
         jobs.remove_temporary_files(out_dir)
         if shard is None:
-            plan = jobs.plan_update(out_dir, entries, settings)
+            plan = jobs.plan_update(out_dir, entries, settings, rehash)
         else:
-            plan = jobs.plan_shard(out_dir, entries, settings, shard)
+            plan = jobs.plan_shard(out_dir, entries, settings, shard, rehash)
         if plan.report is not None:
             return _with_spread(plan.report) if shard is None else plan.report
         job = jobs.resume(out_dir, jobs.make_job(settings, entries, batch_size, chunk_size, plan.work),
@@ -158,19 +166,31 @@ def merge_shards(shard_dirs, out_dir):
     out_dir = Path(out_dir)
     if any(out_dir.resolve() == folder.resolve() for folder, _ in shards):
         raise ValueError(f"merge into a new folder, not into the shard folder {out_dir}")
-    owner = {marker["work"]["shard"][0]: folder for folder, marker in shards}
     job = {key: value for key, value in first.items() if key not in ("count", "skipped", "sources")}
-    chunk_files = [jobs.chunk_path(owner[number % count], number)
-                   for number in range((job["work"]["encode"] + job["chunk_size"] - 1) // job["chunk_size"])]
+    chunk_files = [chunk for folder, marker in shards for chunk in jobs.shard_chunks(folder, marker)]
+    chunk_files.sort(key=lambda path: path.name)  # chunk-NNNNNN: the order of an unsharded run
+    _refuse_other_store(out_dir, job, first["sources"])  # before the lock file is made in a folder of the user's
     out_dir.mkdir(parents=True, exist_ok=True)
     with jobs.lock(out_dir):
-        if (out_dir / "manifest.json").is_file():
-            manifest = read_json(out_dir / "manifest.json", "feature cache manifest", kind=dict)
-            check_settings(manifest, job, out_dir)
-            if read_json(out_dir / manifest.get("sources_file", "sources.json"), "feature cache sources") != \
-                    first["sources"]:
-                raise ValueError(f"{out_dir} holds a feature store of other photos: merge into a new folder "
-                                 "(or delete that store first)")
-        elif any(path.name != ".lock" for path in out_dir.iterdir()):
-            raise ValueError(f"{out_dir} is not empty and holds no feature store: merge into a new or empty folder")
+        _refuse_other_store(out_dir, job, first["sources"])
         return write_store(chunk_files, job, out_dir, first["sources"])
+
+
+def _refuse_other_store(out_dir, job, sources):
+    """merge_shards writes only into a new or empty folder, or over the very store it would write:
+    a store of other photos or settings, or a folder of something else, is the user's to delete."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file: merge into a new or empty folder")
+    if (out_dir / "manifest.json").is_file():
+        manifest = read_json(out_dir / "manifest.json", "feature cache manifest", kind=dict)
+        same = all(manifest.get(key) == job.get(key) for key in SETTINGS) and jobs.same_photos(
+            read_json(out_dir / manifest.get("sources_file", "sources.json"), "feature cache sources", kind=dict),
+            sources)
+        if not same:
+            raise ValueError(f"{out_dir} already holds a feature store of other photos or other settings, which "
+                             "merging would replace: merge into a new folder (or delete that store yourself if you "
+                             "no longer need it)")
+    elif any(path.name != ".lock" for path in out_dir.iterdir()):
+        raise ValueError(f"{out_dir} is not empty and holds no feature store: merge into a new or empty folder")

@@ -215,7 +215,7 @@ def test_shards_see_replaced_photos_and_still_merge_into_the_unsharded_store(tin
     merge_shards(shards, tmp_path / "again")  # the same store again: nothing else is at stake
     # A store of other photos (the one merged before 004 changed), or a folder of the user's, is not replaced.
     before = folder_bytes(tmp_path / "merged")
-    with pytest.raises(ValueError, match="merged holds a feature store of other photos"):
+    with pytest.raises(ValueError, match="merged already holds a feature store of other photos"):
         merge_shards(shards, tmp_path / "merged")
     assert folder_bytes(tmp_path / "merged") == before
     (tmp_path / "mine").mkdir()
