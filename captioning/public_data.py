@@ -156,6 +156,10 @@ def _read_lines(path):
 def flickr8k_token_file(data_dir):
     places = ["Flickr8k.token.txt", "text/Flickr8k.token.txt", "Flickr8k_text/Flickr8k.token.txt"]
     token_file = next((data_dir / name for name in places if (data_dir / name).is_file()), None)
+    if token_file is None and (data_dir / "captions.txt").is_file():
+        # Kaggle's copy of Flickr8k has its own layout and no split files: it is a folder of your own.
+        raise FileNotFoundError(f"{data_dir} has captions.txt, the layout of Kaggle's Flickr8k (captions.txt + "
+                                "Images/), not the official Flickr8k.token.txt: use --dataset csv, which reads it")
     if token_file is None:
         raise FileNotFoundError(f"Flickr8k captions file not found in {data_dir} (looked for {', '.join(places)})")
     return token_file

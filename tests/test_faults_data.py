@@ -11,9 +11,11 @@ import json
 import os
 import shutil
 import time
+import unicodedata
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -171,3 +173,104 @@ def test_merge_shards_refuses_an_out_folder_holding_a_store_of_other_photos(tmp_
     assert features(capsys, data_dir, tmp_path / "merged")[0] == 0
     assert run(capsys, "merge-shards", *shards, "--out", tmp_path / "merged")[0] == 0
 
+
+# --- a captions file of your own: no row found its photo ----------------------------------------
+
+def prepare(capsys, data_dir, out, dataset="csv"):
+    return run(capsys, "prepare", "--dataset", dataset, "--data-dir", data_dir, "--out", out, "--min-count", 1)
+
+
+def test_photos_named_with_the_wrong_letter_case_are_named_with_the_file_on_disk(tmp_path, capsys):
+    data_dir = own_folder(tmp_path / "own", count=3)
+    csv_file = data_dir / "captions.csv"
+    csv_file.write_text(csv_file.read_text().replace("p0", "P0"), encoding="utf-8")
+    line = one_line_error(prepare(capsys, data_dir, tmp_path / "prepared"), str(csv_file), "no usable row",
+                          "'missing_image': 6", "line 2 names 'P00.bmp'", str(data_dir / "P00.bmp"),
+                          "the file on disk is 'p00.bmp'", "letter case")
+    assert len(line) < 600 and not (tmp_path / "prepared" / "report.json").exists()
+
+
+def test_a_name_spelled_in_other_unicode_characters_is_named_as_such(tmp_path, capsys):
+    data_dir = tmp_path / "own"
+    nfd = unicodedata.normalize("NFD", "café.bmp")  # as macOS writes the name
+    bmp(data_dir / nfd, 1)
+    (data_dir / "captions.csv").write_text(f"image,caption\n{unicodedata.normalize('NFC', 'café.bmp')},a cup\n",
+                                           encoding="utf-8")
+    one_line_error(prepare(capsys, data_dir, tmp_path / "prepared"), "line 2 names 'café.bmp'",
+                   "other Unicode characters (NFD vs NFC", "rename the file or retype the name")
+
+
+def test_paths_missing_their_sub_folder_say_where_the_photo_is(tmp_path, capsys):
+    data_dir = tmp_path / "own"
+    bmp(data_dir / "photos" / "a.bmp", 1)
+    (data_dir / "captions.csv").write_text("image,caption\na.bmp,a photo\n", encoding="utf-8")
+    one_line_error(prepare(capsys, data_dir, tmp_path / "prepared"), "line 2 names 'a.bmp'",
+                   f"there is one in {data_dir / 'photos'}", "e.g. photos/a.bmp")
+
+
+# --- a captions file of your own: files from elsewhere are read as they are -------------------
+
+def test_windows_backslash_paths_find_their_photos(tmp_path, capsys):
+    data_dir = tmp_path / "own"
+    for i in range(3):
+        bmp(data_dir / "holiday" / f"p{i}.bmp", i)
+    rows = "".join(f"holiday\\p{i}.bmp,a photo number {i},train\n" for i in range(3))
+    rows += "..\\own\\holiday\\p0.bmp,out of the folder and back,train\n"  # still refused: ../ by any name
+    (data_dir / "captions.csv").write_text("image,caption,split\n" + rows, encoding="utf-8")
+    code, out, err = prepare(capsys, data_dir, tmp_path / "prepared")
+    assert code == 0 and "left out, unsafe path: 1 row(s), lines 5\n" in out and out.count("left out") == 1, err
+    captions = pd.read_csv(tmp_path / "prepared" / "captions.csv", dtype=str)
+    assert sorted(captions["image_id"]) == ["holiday/p0.bmp", "holiday/p1.bmp", "holiday/p2.bmp"]
+
+
+def test_a_utf16_captions_file_is_read(tmp_path, capsys):
+    data_dir = own_folder(tmp_path / "own", count=3)
+    csv_file = data_dir / "captions.csv"
+    text = csv_file.read_text(encoding="utf-8").replace("a photo number 0", "a café photo")
+    csv_file.write_bytes(text.replace("\n", "\r\n").encode("utf-16"))  # Excel's "Unicode text": BOM, CRLF
+    code, out, err = prepare(capsys, data_dir, tmp_path / "prepared")
+    assert code == 0 and "left out" not in out, err
+    captions = pd.read_csv(tmp_path / "prepared" / "captions.csv", dtype=str)
+    assert len(captions) == 6 and "a café photo" in set(captions["caption"])
+
+
+def kaggle_flickr8k(folder, count=3):
+    """Kaggle's copy of Flickr8k: captions.txt (image,caption) at the top, the photos in Images/."""
+    lines = ["image,caption"]
+    for i in range(count):
+        name = f"10{i}_abc.jpg"
+        photo(folder / "Images" / name, i)
+        lines += [f"{name},a dog runs number {i} .", f"{name},a dog plays number {i} ."]
+    (folder / "captions.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def test_kaggle_flickr8k_works_as_a_folder_of_your_own_and_is_named_as_flickr8k(tmp_path, capsys):
+    data_dir = kaggle_flickr8k(tmp_path / "flickr8k")
+    one_line_error(prepare(capsys, data_dir, tmp_path / "wrong", dataset="flickr8k"), str(data_dir),
+                   "Kaggle's Flickr8k", "use --dataset csv")
+    assert not (tmp_path / "wrong" / "report.json").exists()
+    code, out, err = prepare(capsys, data_dir, tmp_path / "prepared")
+    assert code == 0 and "left out" not in out, err
+    captions = pd.read_csv(tmp_path / "prepared" / "captions.csv", dtype=str)
+    assert sorted(captions["image_id"].unique()) == ["100_abc.jpg", "101_abc.jpg", "102_abc.jpg"]
+    assert set(captions["image_path"]) == {str((data_dir / "Images" / f"10{i}_abc.jpg").resolve()) for i in range(3)}
+
+
+# --- a captions file of your own: one photo, one id --------------------------------------------
+
+def test_x_jpg_and_x_png_in_one_folder_are_two_photos_with_two_features(tmp_path, capsys):
+    data_dir = tmp_path / "own"
+    photo(data_dir / "x.jpg", 1)
+    photo(data_dir / "x.png", 2)
+    (data_dir / "captions.csv").write_text("image,caption,split\nx.jpg,a red photo,train\nx.png,a blue photo,train\n",
+                                           encoding="utf-8")
+    assert prepare(capsys, data_dir, tmp_path / "prepared")[0] == 0
+    captions = pd.read_csv(tmp_path / "prepared" / "captions.csv", dtype=str)
+    assert dict(zip(captions["image_id"], captions["caption"])) == {"x.jpg": "a red photo", "x.png": "a blue photo"}
+    code, out, _ = features(capsys, data_dir, tmp_path / "cache")
+    assert code == 0 and "(2 encoded now" in out
+    assert sorted(FeatureStore.open(tmp_path / "cache").ids) == ["x.jpg", "x.png"]
+    sources = json.loads((tmp_path / "cache" / "sources.json").read_text())
+    assert {image_id: record["sha256"] for image_id, record in sources.items()} == {
+        "x.jpg": sha256_of(data_dir / "x.jpg"), "x.png": sha256_of(data_dir / "x.png")}
