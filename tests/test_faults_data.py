@@ -4,7 +4,7 @@ them: `captioning.cli.main([...])`, the very function `python -m captioning` cal
 Each fault ends in one `error:` line naming the file and what to do (exit 1, no traceback), or
 just works; nothing of the user's is lost. The photos are generated here, and the encoder is
 MobileNetV2 with fixed random weights (`--weights none`), so these tests need nothing from
-outside; the tests on the shared samples skip without their environment variables.
+outside.
 """
 
 import json
