@@ -19,10 +19,12 @@ Plumbing: files, downloads, caches, bundles, commands. Needed, not taught; skip
 them on a first reading.
 
     data           COCO / Flickr8k / your own annotations -> a pandas table; DATASETS (notebook 01)
+    public_data    the official files: COCO's JSON, Flickr8k's text files, Karpathy's (notebook 01)
     own_data       a folder of your own photos with captions.csv                      (notebook 01)
     download       annotations and image subsets for users online                     (notebook 01)
     images         reading photos, checked at the door
     features       a resumable on-disk cache of the encoders' vectors                 (notebook 02)
+    feature_jobs   how one caching job runs: what changed, chunks, the lock, resuming (notebook 02)
     feature_store  that cache's file format
     bundle         a trained model saved with its vocabulary and settings             (notebook 03)
     pipeline       the `train` and `evaluate` commands, end to end                    (notebooks 03, 05)

@@ -112,6 +112,9 @@ def build_parser():
                                "the default recipe averages, docs/experiments.md)")
     features.add_argument("--shard", type=shard, default=None, metavar="I/N",
                           help="cache only shard I of N (0-based), to spread the work over machines")
+    features.add_argument("--rehash", action="store_true",
+                          help="read every photo to check its content, not only those whose size or times changed "
+                               "(for file systems that keep no change time, e.g. Windows or FAT drives)")
     features.set_defaults(handler=cmd_features)
 
     merge = commands.add_parser("merge-shards", help="combine the folders of `features --shard I/N` into one cache")
@@ -232,7 +235,7 @@ def cmd_features(args):
               f"caching the {images['image_id'].nunique()} that are")
     report = cache_features(images, args.out, encoder=args.encoder, weights=args.weights,
                             pooling=None if args.pooling == "none" else "avg", mirror=args.mirror,
-                            batch_size=args.batch_size, shard=args.shard)
+                            batch_size=args.batch_size, shard=args.shard, rehash=args.rehash)
     print(report.summary())
     if args.shard is not None:
         print(f"shard {args.shard[0]}/{args.shard[1]} done; when all are, combine them with "

@@ -17,9 +17,11 @@ the OS's cache. The job that fills the folder lives in features.py; it uses
 sources.json to encode again only the photos whose content changed.
 """
 
+import contextlib
 import errno
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,9 +107,9 @@ class FeatureStore:
         if expect:
             check_settings(manifest, expect, out_dir)
         ids = read_json(out_dir / manifest["ids_file"], "feature cache index")
-        features = np.load(out_dir / manifest["features_file"], mmap_mode="r", allow_pickle=False)
-        if features.shape != (len(ids), *manifest["feature_shape"]) or len(ids) != manifest["count"]:
-            raise ValueError(f"{out_dir}: features.npy {features.shape} does not match ids.json / manifest.json")
+        features = open_features(out_dir / manifest["features_file"], (len(ids), *manifest["feature_shape"]))
+        if len(ids) != manifest["count"]:
+            raise ValueError(f"{out_dir}: ids.json does not match manifest.json: {DAMAGED_STORE}")
         return cls(out_dir, manifest, ids, features)
 
     def __len__(self):
@@ -173,11 +175,51 @@ def as_tuples(skipped):
     return [(entry["image_id"], entry["path"], entry["reason"]) for entry in skipped]
 
 
+# What to do about a damaged store: the features command (train and evaluate run it too)
+# rebuilds a store whose files do not hold together, encoding its photos again.
+DAMAGED_STORE = ("the feature cache is damaged (cut short or overwritten): run the same command again, which "
+                 "encodes its photos again, or delete the folder")
+
+
+def open_features(path, shape):
+    """features.npy as a read-only memory map, checked against the `shape` the manifest promises.
+    A file cut short (a full disk, a copy stopped half-way) is a ValueError naming it."""
+    try:
+        features = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: {DAMAGED_STORE}") from None
+    except (ValueError, EOFError) as error:
+        raise ValueError(f"{path}: {DAMAGED_STORE} ({error})") from None
+    if features.shape != tuple(shape):
+        raise ValueError(f"{path} holds {features.shape[0]} rows of {features.shape[1:]}, the manifest says "
+                         f"{shape[0]} of {tuple(shape[1:])}: {DAMAGED_STORE}")
+    return features
+
+
+@contextlib.contextmanager
+def open_chunk(chunk):
+    """A chunk file's arrays. A chunk is written atomically, so a damaged one was cut or changed
+    afterwards (a copy between machines stopped half-way): a ValueError names it and says what to do."""
+    what = ("delete it and run the `features` command that made it again (it encodes only the missing chunks), "
+            "then this one")
+    try:
+        with np.load(chunk, allow_pickle=False) as data:
+            yield data
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{chunk} is missing: run the `features` command that made it again (it encodes "
+                                "only the missing chunks), then this one") from None
+    except (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError) as error:
+        if isinstance(error, OSError) and error.errno is not None:
+            raise  # a disk that cannot be read, not a damaged file
+        raise ValueError(f"{chunk}: this chunk of features is damaged ({type(error).__name__}: {error}): "
+                         f"{what}") from None
+
+
 def read_chunks(chunk_files):
     """Ids and skipped entries of chunk files (written by features.py), in order; features stay on disk."""
     ids, skipped = [], []
     for chunk in chunk_files:
-        with np.load(chunk, allow_pickle=False) as data:
+        with open_chunk(chunk) as data:
             ids += data["ids"].tolist()
             skipped += [dict(zip(("image_id", "path", "reason"), row)) for row in data["skipped"].tolist()]
     return ids, skipped
@@ -220,7 +262,7 @@ def _copy_rows(base_dir, ids, array, position):
     """Copy the rows of `ids` from the finished store in `base_dir` to their places in `array`."""
     base_manifest = read_json(base_dir / "manifest.json", "feature cache manifest")
     base_row = {image_id: row for row, image_id in enumerate(read_json(base_dir / base_manifest["ids_file"]))}
-    base = np.load(base_dir / base_manifest["features_file"], mmap_mode="r", allow_pickle=False)
+    base = open_features(base_dir / base_manifest["features_file"], (len(base_row), *base_manifest["feature_shape"]))
     source = np.array([base_row[image_id] for image_id in ids], dtype=np.int64)
     target = np.array([position[image_id] for image_id in ids], dtype=np.int64)
     for start in range(0, len(ids), 1024):  # a block at a time: memory stays small however big the store
@@ -237,9 +279,9 @@ def write_store(chunk_files, job, out_dir, sources, reuse=None):
     same inputs always give the same store (what resuming and merging rely on).
     """
     out_dir = Path(out_dir)
+    new_ids, skipped = read_chunks(chunk_files)  # a damaged chunk is named before anything changes
     (out_dir / "manifest.json").unlink(missing_ok=True)  # from here on the store reads as unfinished
     base_dir, kept_ids, kept_skipped = reuse or (None, [], [])
-    new_ids, skipped = read_chunks(chunk_files)
     ids = sorted(kept_ids + new_ids)
     skipped = sorted(kept_skipped + skipped, key=lambda entry: entry["image_id"])
     position = {image_id: row for row, image_id in enumerate(ids)}
@@ -248,7 +290,7 @@ def write_store(chunk_files, job, out_dir, sources, reuse=None):
         if kept_ids:
             _copy_rows(Path(base_dir), kept_ids, array, position)
         for chunk in chunk_files:  # one chunk in memory at a time, however big the dataset
-            with np.load(chunk, allow_pickle=False) as data:
+            with open_chunk(chunk) as data:
                 rows = np.array([position[image_id] for image_id in data["ids"].tolist()], dtype=np.int64)
                 array[rows] = data["features"]
         array.flush()

@@ -3,13 +3,20 @@
 Taught in notebook 02 (02_feature_caching.ipynb). Encoding 120,000 COCO
 photos takes hours on a CPU, so we do it once and never lose the work:
 
-* A cache is keyed on content. For every image it records the file's size,
-  mtime and sha256 (sources.json). A run stats every image, hashes again only
-  those whose size or mtime moved, and encodes only the photos whose content
-  changed or that are new; the rows of the others are copied from the store
-  as it was. Images no longer asked for are dropped: a cache holds exactly
-  what it was last asked. A photo replaced at the same path is never served
-  with its old features, and the run says so in one line.
+* A cache is keyed on content. For every image it records the file's path,
+  size, mtime, ctime and sha256 (sources.json). A run stats every image,
+  hashes again only those whose path, size or times moved, and encodes only
+  the photos whose content changed or that are new; the rows of the others
+  are copied from the store as it was. Images no longer asked for are
+  dropped: a cache holds exactly what it was last asked. A photo replaced at
+  the same path is never served with its old features, and the run says so
+  in one line. The ctime is what notices a replacement that kept the size and
+  the mtime (`cp -p`, `rsync -t`): no program can set it. The trade: reading
+  every photo on every run would cost as much as a minute per 10,000 photos,
+  so a file system whose ctime does not move on a write (Windows reports the
+  creation time; some network and FAT drives keep none) is trusted on size and
+  mtime alone. There, `cache_features(..., rehash=True)` (`features --rehash`)
+  reads every photo once to check its content.
 * The images to encode are sorted by id and cut into chunks of a few batches
   (128 photos at batch 32). Each chunk is encoded in the same batches every
   time and written to `partial/chunk-NNNNNN.npz` through a temporary file and
@@ -38,312 +45,16 @@ Bad images are skipped, and each is named with its reason in the report and
 in the manifest. A rerun retries one only if its file changed.
 """
 
-import contextlib
-import hashlib
-import os
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from captioning import feature_jobs as jobs
 from captioning.feature_store import (DTYPE, FORMAT_VERSION, SETTINGS, STORE_FILES, CacheReport,  # noqa: F401
                                       FeatureStore, as_tuples, check_settings, feature_spread, read_chunks,
                                       write_store)
-from captioning.fileio import atomic_path, printable, read_json, sha256_of, write_json_atomic
+from captioning.fileio import read_json, write_json_atomic
 
 __all__ = ["CacheReport", "FeatureStore", "cache_features", "merge_shards"]
-
-CHUNK_BATCHES = 4  # batches per chunk: what a killed job can lose at most
-CHUNK_BYTES = 32 << 20  # and at most about this much float16 per chunk (grids are big)
-RACY_NS = 2_000_000_000  # mtimes this close to the moment they were recorded are not trusted
-
-
-def _image_table(images):
-    """A DataFrame (image_id, image_path; one row per caption is fine) or a dict -> sorted [(id, path)]."""
-    if isinstance(images, dict):
-        pairs = images.items()
-    else:
-        for column in ("image_id", "image_path"):
-            if column not in images:
-                raise ValueError(f"images table has no {column!r} column (columns: {list(images.columns)})")
-        pairs = zip(images["image_id"], images["image_path"])
-    table = {}
-    for image_id, path in pairs:
-        # A name in bytes (any name on disk) becomes the str that os.listdir would give.
-        image_id, path = str(image_id), os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path)
-        if table.setdefault(image_id, path) != path:
-            raise ValueError(f"image id {printable(image_id)!r} has two paths: {printable(table[image_id])} "
-                             f"and {printable(path)}")
-    if not table:
-        raise ValueError("no images to cache")
-    return sorted(table.items())
-
-
-def _known_records(*files):
-    """image id -> (record, trusted) from earlier sources files, later files first.
-
-    A record's size and mtime vouch for its sha256 only if that mtime is
-    older than the moment the record was written by RACY_NS: a file rewritten
-    within the same tick of a coarse clock (1 or 2 s on some file systems)
-    keeps its mtime, so a recent one is hashed again to be sure.
-    """
-    known = {}
-    for path in files:
-        if path is not None and path.is_file():
-            written_ns = path.stat().st_mtime_ns
-            for image_id, record in read_json(path, "feature cache sources").items():
-                trusted = record.get("mtime_ns") is not None and record["mtime_ns"] < written_ns - RACY_NS
-                known.setdefault(image_id, (record, trusted))
-    return known
-
-
-def _fingerprints(entries, known):
-    """(image id -> {path, size, mtime_ns, sha256} or {path, error} for a file that cannot be
-    read, how many files were hashed).
-
-    Stats every file, hashes only those whose path, size or mtime moved since
-    `known` recorded them. Never opens anything but a regular file.
-    """
-    from captioning import images as image_io
-
-    records, hashed = {}, 0
-    for image_id, path in entries:
-        info, reason = image_io.stat_photo(path)
-        if reason:
-            records[image_id] = {"path": path, "error": reason}
-            continue
-        record = {"path": path, "size": info.st_size, "mtime_ns": info.st_mtime_ns}
-        old, trusted = known.get(image_id, ({}, False))
-        if trusted and "sha256" in old and all(old.get(key) == value for key, value in record.items()):
-            records[image_id] = {**record, "sha256": old["sha256"]}
-            continue
-        hashed += 1
-        try:
-            records[image_id] = {**record, "sha256": sha256_of(path)}
-        except OSError as error:
-            records[image_id] = {"path": path, "error": f"cannot read: {error.strerror}"}
-    return records, hashed
-
-
-def _content(record):
-    """What a record says about the file's content: its hash, or why it has none."""
-    return record.get("sha256") or record.get("error")
-
-
-def _digest(lines):
-    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _chunk_size(settings, batch_size, chunk_size):
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    if chunk_size is None:
-        # A few whole batches: a multiple of the batch size keeps every batch of a chunk full.
-        bytes_per_batch = 2 * int(np.prod(settings["feature_shape"])) * batch_size
-        return batch_size * max(1, min(CHUNK_BATCHES, CHUNK_BYTES // bytes_per_batch))
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
-    return chunk_size
-
-
-def _make_job(settings, entries, batch_size, chunk_size, work):
-    """Everything that determines the bytes of the finished store. `work` says what
-    this run encodes (and from which earlier store it copies the rest)."""
-    return {"format": FORMAT_VERSION, **settings, "dtype": DTYPE, "images": len(entries),
-            "batch_size": batch_size, "chunk_size": chunk_size, "work": work}
-
-
-def _same_work(a, b):
-    """Same images and settings (batch and chunk size aside)."""
-    return all(a.get(key) == b.get(key) for key in ("format", *SETTINGS, "images", "work"))
-
-
-@contextlib.contextmanager
-def _lock(out_dir):
-    """Two processes writing one cache would interleave chunks; refuse the second."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks, trust the user
-        yield
-        return
-    with open(out_dir / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another process is caching features into {out_dir}") from None
-        yield
-
-
-def _remove_temporary_files(out_dir):
-    """A killed job can leave the temporary file of an atomic write behind (never a final file)."""
-    for folder in (out_dir, out_dir / "partial"):
-        for temp in folder.glob(".*.tmp"):
-            temp.unlink(missing_ok=True)
-
-
-def _chunk_path(folder, number):
-    return Path(folder) / "partial" / f"chunk-{number:06d}.npz"
-
-
-def _encode_chunk(encoder, entries, job, chunk_file, progress_bar):
-    """Encode one chunk and write it atomically; return how many images it encoded."""
-    from captioning import images as image_io
-
-    features = np.zeros((len(entries), *job["feature_shape"]), dtype=DTYPE)
-    ok = np.zeros(len(entries), dtype=bool)
-    failures = []
-    for indices, batch in image_io.iterate_batches([path for _, path in entries], encoder.image_size,
-                                                   encoder.preprocess, job["batch_size"], failures):
-        values = encoder.encode(batch).astype(DTYPE)
-        if not np.isfinite(values).all():
-            raise ValueError(f"the encoder produced values too large for {DTYPE} in {chunk_file.name}")
-        features[indices], ok[indices] = values, True
-        progress_bar.update(len(indices))
-    progress_bar.update(len(failures))
-    skipped = [[*entries[index], reason] for index, reason in sorted(failures)]
-    with atomic_path(chunk_file) as temp, open(temp, "wb") as handle:
-        np.savez(handle, ids=np.array([entries[i][0] for i in np.flatnonzero(ok)], dtype=str),
-                 features=features[ok], skipped=np.array(skipped, dtype=str).reshape(-1, 3))
-    return int(ok.sum())
-
-
-@dataclass
-class _Plan:
-    """What a run has to do: encode `todo`, copy `reuse` from an earlier store, or nothing (`report`)."""
-
-    records: dict  # sources.json of the finished store
-    todo: list = None  # [(id, path)] to encode, sorted
-    work: dict = None  # the job's "work": identifies todo and the earlier store
-    reuse: tuple = None  # (store folder, ids whose rows to keep, skipped entries to keep)
-    report: CacheReport = None  # the store is finished and up to date
-
-
-def _plural(count, word):
-    return f"{count} {word}{'' if count == 1 else 's'}"
-
-
-def _stash(out_dir):
-    """Move a finished store's files into partial/base (the manifest first, so that the folder
-    reads as unfinished at once), where they wait until the updated store is committed.
-    Run again after a kill it moves what is left; it never moves a file over one already there."""
-    base = out_dir / "partial" / "base"
-    base.mkdir(parents=True, exist_ok=True)
-    for name in STORE_FILES:
-        if (out_dir / name).exists() and not (base / name).exists():
-            os.replace(out_dir / name, base / name)
-    return base
-
-
-def _plan_update(out_dir, entries, settings):
-    """Compare the images asked for with the store in `out_dir` (or the one an unfinished
-    update of it put aside): which rows can be kept, which photos must be encoded."""
-    base_dir = None
-    if (out_dir / "manifest.json").is_file():
-        base_dir = out_dir
-    elif (out_dir / "partial" / "base" / "manifest.json").is_file():
-        base_dir = _stash(out_dir)  # an update is under way (and its stash may have been cut short)
-    base, base_ids, base_sources = None, [], {}
-    if base_dir is not None:
-        base = read_json(base_dir / "manifest.json", "feature cache manifest")
-        check_settings(base, settings, out_dir)
-        if base.get("format") == FORMAT_VERSION:
-            base_ids = read_json(base_dir / base["ids_file"], "feature cache index")
-            base_sources = read_json(base_dir / base["sources_file"], "feature cache sources")
-        else:
-            print(f"feature cache {printable(out_dir)} was made by an older version that did not record the "
-                  f"photos' content: encoding all {len(entries)} again")
-            (base_dir / "manifest.json").unlink()  # it is rebuilt from scratch, so it must not be read meanwhile
-            base = base_dir = None
-    sources_file = base_dir / base["sources_file"] if base else None
-    known = _known_records(out_dir / "partial" / "sources.json", sources_file)
-    records, hashed = _fingerprints(entries, known)
-
-    kept_rows, kept_skipped, todo, changed = [], [], [], []
-    rows = set(base_ids)
-    skipped = {entry["image_id"]: entry for entry in base["skipped"]} if base else {}
-    for image_id, path in entries:
-        old = base_sources.get(image_id)
-        if old is not None and _content(old) == _content(records[image_id]):
-            if image_id in rows:
-                kept_rows.append(image_id)
-                continue
-            if image_id in skipped:
-                kept_skipped.append({**skipped[image_id], "path": path})
-                continue
-        todo.append((image_id, path))
-        if old is not None:
-            changed.append(path)
-    dropped = len(base_sources.keys() - dict(entries).keys())
-
-    if base_dir == out_dir and not todo and not dropped:  # up to date
-        shutil.rmtree(out_dir / "partial", ignore_errors=True)  # left over if killed right after a commit
-        if records != base_sources or hashed:
-            write_json_atomic(sources_file, records)  # new mtimes, moved files: no need to hash them again
-        if kept_skipped != base["skipped"]:
-            write_json_atomic(out_dir / "manifest.json", {**base, "skipped": kept_skipped})
-        return _Plan(records, report=CacheReport(out_dir, len(base_ids), as_tuples(kept_skipped)))
-    if base is not None:
-        news = len(todo) - len(changed)
-        parts = [f"{_plural(len(changed), 'photo')} changed since they were cached (e.g. {printable(changed[0])})"
-                 ] if changed else []
-        parts += [f"{news} new"] if news else []
-        parts += [f"{dropped} no longer asked for"] if dropped else []
-        if parts:
-            print(f"feature cache {printable(out_dir)}: {', '.join(parts)}: encoding {len(todo)}, "
-                  f"keeping {len(kept_rows) + len(kept_skipped)}")
-    if base_dir == out_dir:
-        shutil.rmtree(out_dir / "partial", ignore_errors=True)
-        base_dir = _stash(out_dir)
-    lines = [f"{image_id}\t{path}\t{_content(records[image_id])}" for image_id, path in todo]
-    work = {"encode": len(todo), "sha256": _digest(lines), "base": _base_id(base_dir) if base else None}
-    reuse = (base_dir, kept_rows, kept_skipped) if base else None
-    return _Plan(records, todo, work, reuse)
-
-
-def _base_id(base_dir):
-    with open(base_dir / "manifest.json", "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
-
-
-def _plan_shard(out_dir, entries, settings, shard):
-    """A shard encodes its share of all the images, from scratch (no earlier store is reused)."""
-    marker, sources_file = out_dir / "shard.json", out_dir / "partial" / "sources.json"
-    records, hashed = _fingerprints(entries, _known_records(sources_file))
-    lines = [f"{image_id}\t{path}\t{_content(records[image_id])}" for image_id, path in entries]
-    work = {"encode": len(entries), "sha256": _digest(lines), "base": None, "shard": shard}
-    if marker.is_file():
-        found = read_json(marker, "finished shard marker")
-        check_settings(found, settings, out_dir)
-        if found.get("format") == FORMAT_VERSION and found.get("work") == work:
-            if records != found["sources"]:
-                write_json_atomic(marker, {**found, "sources": records})
-            if hashed:
-                write_json_atomic(sources_file, records)  # no need to hash them again
-            return _Plan(records, report=CacheReport(out_dir, found["count"], as_tuples(found["skipped"])))
-        marker.unlink()  # same settings, other images: build again for these
-    return _Plan(records, entries, work)
-
-
-def _resume(out_dir, job, records):
-    """The unfinished job of the same work if there is one (with its batch/chunk sizes), else a fresh one."""
-    partial = out_dir / "partial"
-    job_file = partial / "job.json"
-    if job_file.is_file():
-        previous = read_json(job_file, "unfinished feature job")
-        if _same_work(previous, job):
-            if (previous["batch_size"], previous["chunk_size"]) != (job["batch_size"], job["chunk_size"]):
-                print(f"resuming with the unfinished job's batch size {previous['batch_size']} and chunk size "
-                      f"{previous['chunk_size']}, so that the result is identical to an uninterrupted run")
-            return previous
-        print(f"discarding unfinished chunks in {printable(partial)}: they were made for other images or settings")
-    for path in partial.glob("*"):
-        if path.name != "base":  # the store being updated stays
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    write_json_atomic(partial / "sources.json", records)  # so that a resumed run need not hash again
-    write_json_atomic(job_file, job)
-    return job
 
 
 def _encoder_settings(encoder, weights, pooling, mirror):
@@ -360,7 +71,7 @@ def _encoder_settings(encoder, weights, pooling, mirror):
 
 
 def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet", pooling="avg", mirror=None,
-                   batch_size=32, shard=None, progress=True, chunk_size=None):
+                   batch_size=32, shard=None, progress=True, chunk_size=None, rehash=False):
     """Encode every image once into the store at `out_dir`, keeping whatever is already there
     for photos that did not change, and resuming an unfinished run.
 
@@ -369,6 +80,7 @@ def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet
     already built.
     `shard=(i, n)`: only this machine's share, to be combined with merge_shards.
     `chunk_size`: images per checkpoint (default: 4 batches; keep it a multiple of batch_size).
+    `rehash=True`: read every photo to check its content, not only those whose size or times moved.
     Returns a CacheReport (`computed`: how many photos this call encoded); read the store with
     FeatureStore.open(out_dir). Taught in notebook 02.
     """
@@ -377,28 +89,29 @@ def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet
     from captioning import encoders
 
     mirror = encoders.MIRROR if mirror is None else mirror
-    entries = _image_table(images)
+    entries = jobs.image_table(images)
     if shard is not None:
         shard = [int(shard[0]), int(shard[1])]
         if not 0 <= shard[0] < shard[1]:
             raise ValueError(f"shard must be (i, n) with 0 <= i < n, not {tuple(shard)}")
     settings, built = _encoder_settings(encoder, weights, pooling, mirror)
-    chunk_size = _chunk_size(settings, batch_size, chunk_size)
+    chunk_size = jobs.choose_chunk_size(settings, batch_size, chunk_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _lock(out_dir):
-        _remove_temporary_files(out_dir)
+    with jobs.lock(out_dir):
+        jobs.remove_temporary_files(out_dir)
         if shard is None:
-            plan = _plan_update(out_dir, entries, settings)
+            plan = jobs.plan_update(out_dir, entries, settings, rehash)
         else:
-            plan = _plan_shard(out_dir, entries, settings, shard)
+            plan = jobs.plan_shard(out_dir, entries, settings, shard, rehash)
         if plan.report is not None:
             return _with_spread(plan.report) if shard is None else plan.report
-        job = _resume(out_dir, _make_job(settings, entries, batch_size, chunk_size, plan.work), plan.records)
+        job = jobs.resume(out_dir, jobs.make_job(settings, entries, batch_size, chunk_size, plan.work),
+                          plan.records)
         size = job["chunk_size"]
         chunks = {number: plan.todo[start:start + size] for number, start in enumerate(range(0, len(plan.todo), size))
                   if shard is None or number % shard[1] == shard[0]}
-        todo = [number for number in chunks if not _chunk_path(out_dir, number).is_file()]
+        todo = [number for number in chunks if not jobs.chunk_path(out_dir, number).is_file()]
         total = sum(len(chunk) for chunk in chunks.values())
         left = sum(len(chunks[number]) for number in todo)
         start, computed = time.perf_counter(), 0
@@ -406,9 +119,10 @@ def cache_features(images, out_dir, *, encoder="inception_v3", weights="imagenet
             built = built or encoders.build_encoder(encoder, weights, pooling, mirror)
             with tqdm(total=total, initial=total - left, unit="img", disable=not progress, smoothing=0.1) as bar:
                 for number in todo:
-                    computed += _encode_chunk(built, chunks[number], job, _chunk_path(out_dir, number), bar)
+                    computed += jobs.encode_chunk(built, chunks[number], job, jobs.chunk_path(out_dir, number),
+                                                  bar)
         seconds = time.perf_counter() - start
-        chunk_files = [_chunk_path(out_dir, number) for number in chunks]
+        chunk_files = [jobs.chunk_path(out_dir, number) for number in chunks]
         if shard is None:
             report = write_store(chunk_files, job, out_dir, plan.records, plan.reuse)
         else:
@@ -452,19 +166,31 @@ def merge_shards(shard_dirs, out_dir):
     out_dir = Path(out_dir)
     if any(out_dir.resolve() == folder.resolve() for folder, _ in shards):
         raise ValueError(f"merge into a new folder, not into the shard folder {out_dir}")
-    owner = {marker["work"]["shard"][0]: folder for folder, marker in shards}
     job = {key: value for key, value in first.items() if key not in ("count", "skipped", "sources")}
-    chunk_files = [_chunk_path(owner[number % count], number)
-                   for number in range((job["work"]["encode"] + job["chunk_size"] - 1) // job["chunk_size"])]
+    chunk_files = [chunk for folder, marker in shards for chunk in jobs.shard_chunks(folder, marker)]
+    chunk_files.sort(key=lambda path: path.name)  # chunk-NNNNNN: the order of an unsharded run
+    _refuse_other_store(out_dir, job, first["sources"])  # before the lock file is made in a folder of the user's
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _lock(out_dir):
-        if (out_dir / "manifest.json").is_file():
-            manifest = read_json(out_dir / "manifest.json", "feature cache manifest", kind=dict)
-            check_settings(manifest, job, out_dir)
-            if read_json(out_dir / manifest.get("sources_file", "sources.json"), "feature cache sources") != \
-                    first["sources"]:
-                raise ValueError(f"{out_dir} holds a feature store of other photos: merge into a new folder "
-                                 "(or delete that store first)")
-        elif any(path.name != ".lock" for path in out_dir.iterdir()):
-            raise ValueError(f"{out_dir} is not empty and holds no feature store: merge into a new or empty folder")
+    with jobs.lock(out_dir):
+        _refuse_other_store(out_dir, job, first["sources"])
         return write_store(chunk_files, job, out_dir, first["sources"])
+
+
+def _refuse_other_store(out_dir, job, sources):
+    """merge_shards writes only into a new or empty folder, or over the very store it would write:
+    a store of other photos or settings, or a folder of something else, is the user's to delete."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file: merge into a new or empty folder")
+    if (out_dir / "manifest.json").is_file():
+        manifest = read_json(out_dir / "manifest.json", "feature cache manifest", kind=dict)
+        same = all(manifest.get(key) == job.get(key) for key in SETTINGS) and jobs.same_photos(
+            read_json(out_dir / manifest.get("sources_file", "sources.json"), "feature cache sources", kind=dict),
+            sources)
+        if not same:
+            raise ValueError(f"{out_dir} already holds a feature store of other photos or other settings, which "
+                             "merging would replace: merge into a new folder (or delete that store yourself if you "
+                             "no longer need it)")
+    elif any(path.name != ".lock" for path in out_dir.iterdir()):
+        raise ValueError(f"{out_dir} is not empty and holds no feature store: merge into a new or empty folder")

@@ -17,13 +17,23 @@ caption is empty, whose bytes are not UTF-8, or that repeats another row word
 for word is left out, counted and named (its line number) in the table's
 attrs["bad_rows"], which the data-quality report shows: never silently kept,
 never a reason to refuse the other rows. A file with no usable row, or
-without the `image` and `caption` columns, is an error naming the file.
+without the `image` and `caption` columns, is an error naming the file; for
+photos not found it shows the first such row, the path looked at and the
+likely cause (letter case, Unicode spelling, a sub-folder left out), since
+"missing_image: 150" alone does not say what to fix.
+
+Some files from elsewhere are read as they are: Kaggle's Flickr8k
+(captions.txt with the header image,caption, the photos in Images/), paths
+written with Windows backslashes (holiday\\dog.png), and a file saved as
+UTF-16 (Excel's and Notepad's "Unicode text").
 """
 
 import csv
 import hashlib
 import io
 import json
+import os
+import unicodedata
 from pathlib import Path
 
 from captioning.fileio import safe_join
@@ -34,11 +44,55 @@ BAD_ROW_KINDS = ("missing_image", "empty_caption", "not_utf8", "duplicate", "bad
 
 
 def captions_file(folder):
-    """The folder's captions.csv or captions.jsonl."""
-    for name in ("captions.csv", "captions.jsonl"):
+    """The folder's captions.csv or captions.jsonl, or the captions.txt of Kaggle's Flickr8k."""
+    for name in ("captions.csv", "captions.jsonl", "captions.txt"):
         if (Path(folder) / name).is_file():
             return Path(folder) / name
     raise FileNotFoundError(f"no captions.csv or captions.jsonl in {folder} (columns: image, caption[, split])")
+
+
+def photo_folder(folder, path):
+    """Where the rows' image paths start: the folder itself, or Images/ beside Kaggle's captions.txt
+    (that download names the photos without the folder they are in)."""
+    if path.name == "captions.txt" and (folder / "Images").is_dir():
+        return folder / "Images"
+    return folder
+
+
+def _decode(path, raw):
+    """The file's text. UTF-16 (with its byte-order mark) is decoded as such; anything else as UTF-8,
+    keeping bad bytes as surrogates so that their rows can be named rather than the file refused."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} starts as UTF-16 text but is not: save it again as UTF-8 "
+                             "(CSV UTF-8)") from None
+    return raw.decode("utf-8-sig", errors="surrogateescape")
+
+
+def why_missing(photo):
+    """The likely reason the photo a row names is not on disk, in a few words."""
+    folder = photo.parent
+    while not folder.is_dir():  # the nearest folder that exists
+        folder = folder.parent
+    if folder != photo.parent:
+        return f"there is no folder {folder / photo.relative_to(folder).parts[0]}"
+    names = os.listdir(folder)
+    wanted = unicodedata.normalize("NFC", photo.name)
+    for name in names:
+        if name != photo.name and unicodedata.normalize("NFC", name) == wanted:
+            return (f"{name!r} on disk spells the name with other Unicode characters (NFD vs NFC, as macOS "
+                    "writes names): rename the file or retype the name")
+    for name in names:
+        if name.casefold() == photo.name.casefold():
+            return f"the file on disk is {name!r}: letter case matters here, write the name as on disk"
+    inside = [entry.name for entry in os.scandir(folder)
+              if entry.is_dir() and (Path(entry) / photo.name).is_file()]
+    if inside:
+        return (f"there is one in {folder / inside[0]}: write the paths from {folder} "
+                f"(e.g. {inside[0]}/{photo.name})")
+    return f"no such file in {folder} (image paths are relative to it)"
 
 
 def seeded_split(image, seed=0):
@@ -55,8 +109,7 @@ def _undecodable(text):
 
 def _records(path):
     """(line number, {field: text}, decodes as UTF-8) for every row of the file."""
-    raw = path.read_bytes()
-    text = raw.decode("utf-8-sig", errors="surrogateescape")  # keep going past bad bytes, then name them
+    text = _decode(path, path.read_bytes())
     if path.suffix == ".jsonl":
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
@@ -85,14 +138,18 @@ def load_own(data_dir, karpathy_split=None, seed=0):
         raise ValueError("a Karpathy split file is for COCO only")
     folder = Path(data_dir).resolve()
     path = captions_file(folder)
+    base = photo_folder(folder, path)
     rows, seen, bad = [], set(), {kind: [] for kind in BAD_ROW_KINDS}
+    missing = []  # (line, image, path) of the rows whose photo is not on disk
     for number, record, readable in _records(path):
         image, caption = record.get("image", "").strip(), record.get("caption", "").strip()
         if not readable:
             bad["not_utf8"].append(number)
             continue
+        # A file written on Windows separates folders with "\\"; "/" means the same there, and only it here.
+        image = image.replace("\\", "/")
         try:
-            photo = safe_join(folder, image, source=f"image in {path} line {number}")
+            photo = safe_join(base, image, source=f"image in {path} line {number}")
         except ValueError:
             bad["unsafe_path"].append(number)
             continue
@@ -104,6 +161,7 @@ def load_own(data_dir, karpathy_split=None, seed=0):
             bad["empty_caption"].append(number)
         elif not photo.is_file():
             bad["missing_image"].append(number)
+            missing.append((number, image, photo))
         elif (image, caption) in seen:
             bad["duplicate"].append(number)
         else:
@@ -113,8 +171,12 @@ def load_own(data_dir, karpathy_split=None, seed=0):
             rows.append((image_id, photo.name, str(photo), caption,
                          SPLIT_NAMES[split] if split else seeded_split(image, seed)))
     if not rows:
+        example = ""
+        if missing:  # the first such row says what to fix for all of them, more often than not
+            number, image, photo = missing[0]
+            example = f"; line {number} names {image!r}, looked for {photo}: {why_missing(photo)}"
         raise ValueError(f"{path}: no usable row (bad rows by kind: "
-                         f"{ {kind: len(lines) for kind, lines in bad.items() if lines} })")
+                         f"{ {kind: len(lines) for kind, lines in bad.items() if lines} }){example}")
     return rows, {kind: lines for kind, lines in bad.items() if lines}
 
 

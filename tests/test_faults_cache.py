@@ -71,7 +71,7 @@ def tiny():
 
 
 def test_a_replaced_photo_is_encoded_again_and_only_it(tiny, tmp_path, capsys, monkeypatch):
-    from captioning import features
+    from captioning import feature_jobs
 
     photos = write_photos(tmp_path / "images", 12)
     cache = tmp_path / "cache"
@@ -84,8 +84,8 @@ def test_a_replaced_photo_is_encoded_again_and_only_it(tiny, tmp_path, capsys, m
     half_hour_ago = HOUR_AGO_NS + 1800 * 10**9
     os.utime(photos["005"], ns=(half_hour_ago, half_hour_ago))  # touched, the same bytes
     hashed = []
-    real_sha256 = features.sha256_of
-    monkeypatch.setattr(features, "sha256_of", lambda path: hashed.append(path) or real_sha256(path))
+    real_sha256 = feature_jobs.sha256_of
+    monkeypatch.setattr(feature_jobs, "sha256_of", lambda path: hashed.append(path) or real_sha256(path))
     capsys.readouterr()
     report = cache_features(photos, cache, **options)
     assert report.computed == 1 and report.cached == 12
@@ -150,7 +150,7 @@ def test_an_interrupted_update_resumes_to_the_bytes_of_an_uninterrupted_one(tiny
     encoding, or while writing the store, resumes to the bytes of an uninterrupted update."""
     import shutil
 
-    from captioning import feature_store, features
+    from captioning import feature_jobs, feature_store
 
     photos = write_photos(tmp_path / "images", 16)
     options = dict(encoder=tiny, batch_size=2, chunk_size=2, progress=False)
@@ -160,7 +160,7 @@ def test_an_interrupted_update_resumes_to_the_bytes_of_an_uninterrupted_one(tiny
         write_photo(photos[image_id], seed=500 + number)
     assert cache_features(photos, tmp_path / "whole", **options).computed == 6
 
-    encode_chunk, calls = features._encode_chunk, []
+    encode_chunk, calls = feature_jobs.encode_chunk, []
 
     def stopped_after_two(*args):
         if len(calls) == 2:
@@ -168,13 +168,13 @@ def test_an_interrupted_update_resumes_to_the_bytes_of_an_uninterrupted_one(tiny
         calls.append(args)
         return encode_chunk(*args)
 
-    monkeypatch.setattr(features, "_encode_chunk", stopped_after_two)
+    monkeypatch.setattr(feature_jobs, "encode_chunk", stopped_after_two)
     with pytest.raises(KeyboardInterrupt):
         cache_features(photos, tmp_path / "stopped", **options)
     with pytest.raises(FileNotFoundError, match="unfinished"):
         FeatureStore.open(tmp_path / "stopped")
     assert (tmp_path / "stopped" / "partial" / "base" / "features.npy").is_file()
-    monkeypatch.setattr(features, "_encode_chunk", encode_chunk)
+    monkeypatch.setattr(feature_jobs, "encode_chunk", encode_chunk)
 
     write_json, writes = feature_store.write_json_atomic, []
 
@@ -215,7 +215,7 @@ def test_shards_see_replaced_photos_and_still_merge_into_the_unsharded_store(tin
     merge_shards(shards, tmp_path / "again")  # the same store again: nothing else is at stake
     # A store of other photos (the one merged before 004 changed), or a folder of the user's, is not replaced.
     before = folder_bytes(tmp_path / "merged")
-    with pytest.raises(ValueError, match="merged holds a feature store of other photos"):
+    with pytest.raises(ValueError, match="merged already holds a feature store of other photos"):
         merge_shards(shards, tmp_path / "merged")
     assert folder_bytes(tmp_path / "merged") == before
     (tmp_path / "mine").mkdir()
@@ -299,15 +299,15 @@ def test_files_that_are_not_photos_are_reported_and_the_batch_goes_on(tiny, tmp_
 KILLED_RUN = """
 import json, os, signal, sys
 sys.path.insert(0, sys.argv[3])
-from captioning import features
+from captioning import feature_jobs, features
 from test_faults_cache import tiny_encoder
-encode_chunk, done = features._encode_chunk, []
+encode_chunk, done = feature_jobs.encode_chunk, []
 def killed_after_two(*args):
     if len(done) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     done.append(encode_chunk(*args))
     return done[-1]
-features._encode_chunk = killed_after_two
+feature_jobs.encode_chunk = killed_after_two
 features.cache_features(json.load(open(sys.argv[1])), sys.argv[2], encoder=tiny_encoder(), batch_size=32,
                         progress=False)
 """
