@@ -298,7 +298,7 @@ def cmd_evaluate(args):
     import contextlib
     import json
 
-    from captioning.pipeline import evaluate_bundle
+    from captioning.evaluate import evaluate_bundle
 
     # stdout carries only the metrics JSON, so that `... | jq .coco.CIDEr` works:
     # anything the pipeline prints on the way goes to stderr.
