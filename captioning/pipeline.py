@@ -28,7 +28,7 @@ from captioning import architectures, encoders  # noqa: E402
 from captioning.data import get_dataset, load_prepared, prepare, source_fingerprint  # noqa: E402
 from captioning.evaluation import same_caption_warning  # noqa: E402
 from captioning.features import FeatureStore, cache_features  # noqa: E402
-from captioning.fileio import (atomic_path, read_json, replace_folder, restore_folder, work_paths,  # noqa: E402
+from captioning.fileio import (atomic_path, folder_lock, read_json, replace_folder, restore_folder, work_paths,  # noqa: E402
                                writable_folder, write_json_atomic)
 from captioning.training import MODEL_KEYS, fit_captioner, make_dataset, preset_settings, read_history  # noqa: E402
 
@@ -236,13 +236,27 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
     An interrupted run, run again, resumes. With reuse=True, a bundle in
     `out_dir` that this very run made (same architecture, settings, seed,
     data, vocabulary and features: bundle.json "run") is returned as it is,
-    in seconds: a notebook cell run again retrains only what changed.
+    in seconds: a notebook cell run again retrains only what changed. Two
+    runs into one `out_dir` at once would share OUT.partial and undo each
+    other's work: the second is refused (fileio.folder_lock).
     Returns the bundle folder. Notebook 03.
     """
+    worker = _worker_id(strategy)
+    options = dict(encoder=encoder, weights=weights, arch=arch, out_dir=out_dir, epochs=epochs, preset=preset,
+                   cache_dir=cache_dir, karpathy_split=karpathy_split, seed=seed, strategy=strategy,
+                   overwrite=overwrite, reuse=reuse, log=log, **overrides)
+    if worker is not None:  # a cluster's other workers write no bundle, only their own scratch folders
+        return _train_pipeline(dataset, data_dir, worker, **options)
+    with folder_lock(out_dir, log=lambda line: print(line, file=sys.stderr)):
+        return _train_pipeline(dataset, data_dir, worker, **options)
+
+
+def _train_pipeline(dataset, data_dir, worker, *, encoder, weights, arch, out_dir, epochs, preset, cache_dir,
+                    karpathy_split, seed, strategy, overwrite, reuse, log, **overrides):
+    """train_pipeline's work, once this process holds `out_dir` (or is not the chief)."""
     from captioning.bundle import save_bundle
     settings = preset_settings(preset, epochs=epochs, **overrides)
     pooling = architectures.pooling(arch)
-    worker = _worker_id(strategy)
     if worker is None:
         out_dir, staging = _bundle_folder(out_dir, overwrite or reuse)
     else:  # another worker of a cluster: same work, its own scratch folder, the chief writes the bundle
