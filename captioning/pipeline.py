@@ -28,9 +28,10 @@ from captioning import architectures, encoders  # noqa: E402
 from captioning.data import get_dataset, load_prepared, prepare, source_fingerprint  # noqa: E402
 from captioning.evaluation import same_caption_warning  # noqa: E402
 from captioning.features import FeatureStore, cache_features  # noqa: E402
-from captioning.fileio import (atomic_path, folder_lock, read_json, replace_folder, restore_folder, work_paths,  # noqa: E402
+from captioning.fileio import (folder_lock, read_json, replace_folder, restore_folder, work_paths,  # noqa: E402
                                writable_folder, write_json_atomic)
-from captioning.training import MODEL_KEYS, fit_captioner, make_dataset, preset_settings, read_history  # noqa: E402
+from captioning.training import (MODEL_KEYS, fit_captioner, make_dataset, preset_settings,  # noqa: E402
+                                 read_history, save_atomically)
 
 # Captioning in chunks keeps beam search's working memory (chunk x beam x vocabulary
 # log-probabilities) small on a full 5,000-image COCO split.
@@ -218,8 +219,7 @@ def _teacher_forcing(model, train_data, val_data, settings, run_dir, log):
         return
     fit_captioner(model, train_data, val_data, epochs=settings["epochs"], learning_rate=settings["learning_rate"],
                   label_smoothing=settings["label_smoothing"], patience=settings["patience"], run_dir=run_dir)
-    with atomic_path(finished, suffix=".weights.h5") as temp:
-        model.save_weights(temp)
+    save_atomically(finished, model.save_weights, ".weights.h5")  # a full disk leaves no half file
 
 
 def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs=None, preset="cpu-small",

@@ -61,3 +61,51 @@ def test_a_lock_left_by_a_process_that_died_is_taken_over_with_a_note(tiny_data,
     result = train(data_dir, out, work)
     assert f"took over the lock of {out} left by process {dead.pid}" in result.stderr
     assert (out / "bundle.json").is_file() and not lock_path(out).exists()
+
+
+# --- a full disk while training ------------------------------------------------------------------
+
+def run_with_full_disk(arguments, file_name):
+    """`python -m captioning ...` (captioning.cli.main) in which every HDF5 dataset written into a
+    file named like `file_name` fails with ENOSPC once a complete `file_name` exists: the disk
+    fills up while the second epoch's backup is written over the first's. At exit it prints how
+    many HDF5 files the process still holds open."""
+    code = ("import errno, os, sys\n"
+            "import h5py\n"
+            "create = h5py.Group.create_dataset\n"
+            "def full(self, *args, **kwargs):\n"
+            "    path = self.file.filename\n"
+            f"    if {file_name!r} in os.path.basename(path) and os.path.exists(os.path.join(os.path.dirname(path), "
+            f"{file_name!r})):\n"
+            "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "    return create(self, *args, **kwargs)\n"
+            "h5py.Group.create_dataset = full\n"
+            "from captioning.cli import main\n"
+            "status = main(sys.argv[1:])\n"
+            "print('open HDF5 files:', len(h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)), file=sys.stderr)\n"
+            "sys.exit(status)\n")
+    return subprocess.run([sys.executable, "-c", code, *map(str, arguments)], capture_output=True, text=True,
+                          timeout=600, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def test_a_full_disk_while_the_backup_is_written_ends_cleanly_and_keeps_the_last_epoch(tiny_data, tmp_path):
+    # Keras wrote the backup over the last one in place: the disk filling up at epoch 2 printed
+    # our message, then h5py's tracebacks at exit (a segfault on a real full disk), and left half
+    # a file where epoch 1's backup had been.
+    data_dir, work = tiny_data
+    out = tmp_path / "bundle"
+    arguments = ["train", "--dataset", "flickr8k", "--data-dir", data_dir, "--encoder", "mobilenet_v2",
+                 "--weights", "none", "--out", out, "--cache-dir", work, "--epochs", 3, "--self-critical-epochs", 0]
+    result = run_with_full_disk(arguments, "latest.weights.h5")
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = one_line_error(result, "no space left", "latest.weights.h5", "run the same command again")
+    assert "HDF5" not in result.stderr.replace("open HDF5 files: 0", "") and "Exception ignored" not in result.stderr
+    assert "open HDF5 files: 0" in result.stderr, line
+    training = out.with_name("bundle.partial") / "training"
+    assert not [path.name for path in training.rglob(".*")]  # no temporary file left behind
+    assert json.loads((training / "backup" / "training_metadata.json").read_text())["epoch"] == 1
+    assert not lock_path(out).exists()
+    # With room again, the same command resumes after epoch 1 from the intact backup.
+    again = train(data_dir, out, work, "--epochs", 3)
+    assert "Epoch 1/3" not in again.stdout and "Epoch 3/3" in again.stdout and "cannot be restored" not in again.stderr
+    assert json.loads((out / "bundle.json").read_text())["metrics"]["epochs_run"] == 3
