@@ -153,6 +153,15 @@ def writable_folder(path, what="output folder"):
     return path
 
 
+def left_out_rows(report):
+    """The rows a captions file of your own lost, one line per kind (own_data.BAD_ROW_KINDS), from
+    a prepared report: "left out, not utf8: 2 row(s), lines 4, 9". `prepare` and `train` print
+    the same lines, so that a user who only ever runs `train` still learns that rows were dropped."""
+    return [f"left out, {kind.replace('_', ' ')}: {entry['count']} row(s), lines "
+            f"{', '.join(map(str, entry['lines']))}{' ...' if entry['count'] > len(entry['lines']) else ''}"
+            for kind, entry in report.get("bad_rows", {}).items()]
+
+
 def lock_path(folder):
     """The lock file of `folder`: beside it, not in it, because the folder may not exist yet and
     replace_folder renames it while the lock is held."""

@@ -28,7 +28,7 @@ from captioning import architectures, encoders  # noqa: E402
 from captioning.data import get_dataset, load_prepared, prepare, source_fingerprint  # noqa: E402
 from captioning.evaluation import same_caption_warning  # noqa: E402
 from captioning.features import FeatureStore, cache_features  # noqa: E402
-from captioning.fileio import (folder_lock, read_json, replace_folder, restore_folder, work_paths,  # noqa: E402
+from captioning.fileio import (folder_lock, left_out_rows, read_json, replace_folder, restore_folder, work_paths,  # noqa: E402
                                writable_folder, write_json_atomic)
 from captioning.training import (MODEL_KEYS, fit_captioner, make_dataset, preset_settings,  # noqa: E402
                                  read_history, save_atomically)
@@ -39,6 +39,14 @@ CHUNK = 500
 
 
 def _prepared_data(dataset, data_dir, prepared_dir, settings, karpathy_split, log):
+    """The prepared data, and a note of the rows its captions file lost, as `prepare` prints it."""
+    prepared = _prepare_or_reuse(dataset, data_dir, prepared_dir, settings, karpathy_split, log)
+    for line in left_out_rows(prepared.report):
+        print(f"note: {data_dir}: {line}", file=sys.stderr)
+    return prepared
+
+
+def _prepare_or_reuse(dataset, data_dir, prepared_dir, settings, karpathy_split, log):
     """Reuse the prepared folder when it was made from the same data with the same settings."""
     wanted = {"dataset": dataset, "data_dir": str(Path(data_dir).resolve()),
               "min_count": settings["min_count"], "max_length": settings["max_length"],

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from captioning.fileio import lock_path
-from conftest import REPO
+from conftest import REPO, run_cli
 from test_faults import one_line_error, tiny_flickr8k, train
 
 pytestmark = pytest.mark.slow
@@ -109,3 +109,35 @@ def test_a_full_disk_while_the_backup_is_written_ends_cleanly_and_keeps_the_last
     again = train(data_dir, out, work, "--epochs", 3)
     assert "Epoch 1/3" not in again.stdout and "Epoch 3/3" in again.stdout and "cannot be restored" not in again.stderr
     assert json.loads((out / "bundle.json").read_text())["metrics"]["epochs_run"] == 3
+
+
+# --- what `train` reports about its data ---------------------------------------------------------
+
+def test_train_reports_the_rows_a_captions_file_that_is_not_utf8_lost_as_prepare_does(tiny_data, tmp_path):
+    # `prepare` listed the rows it left out of a captions file of your own; `train`, which
+    # prepares too, said nothing, so a user who only ran `train` never learnt rows were dropped.
+    data_dir, _ = tiny_data
+    own = tmp_path / "own"
+    own.mkdir()
+    lines, splits = ["image,caption,split"], {}
+    for name in (data_dir / "Flickr_8k.trainImages.txt").read_text().split():
+        splits[name] = "train"
+    for name in (data_dir / "Flickr_8k.devImages.txt").read_text().split():
+        splits[name] = "val"
+    for name in splits:
+        (own / name).symlink_to(data_dir / "images" / name)
+    for line in (data_dir / "Flickr8k.token.txt").read_text().splitlines():
+        key, caption = line.split("\t")
+        name = key.split("#")[0]
+        lines.append(f"{name},{caption},{splits[name]}")
+    first_bad = len(lines) + 1
+    (own / "captions.csv").write_bytes(("\n".join(lines) + "\n").encode()
+                                       + b"1000_tiny.jpg,a caf\xe9 in latin-1,train\n"
+                                       + b"1001_tiny.jpg,na\xefve bytes,train\n")
+    expected = f"left out, not utf8: 2 row(s), lines {first_bad}, {first_bad + 1}"
+    prepared = run_cli("prepare", "--dataset", "csv", "--data-dir", own, "--out", tmp_path / "prepared")
+    assert expected in prepared.stdout
+    trained = run_cli("train", "--dataset", "csv", "--data-dir", own, "--encoder", "mobilenet_v2", "--weights", "none",
+                      "--out", tmp_path / "bundle", "--cache-dir", tmp_path / "work", "--epochs", 1,
+                      "--self-critical-epochs", 0)
+    assert f"note: {own}: {expected}" in trained.stderr and (tmp_path / "bundle" / "bundle.json").is_file()
