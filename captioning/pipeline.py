@@ -218,16 +218,25 @@ def _same_run_or_start_over(run_dir, run, log):
     write_json_atomic(marker, run)
 
 
-def _teacher_forcing(model, train_data, val_data, settings, run_dir, log):
-    """Fit by teacher forcing, or take the weights an earlier, interrupted run finished with."""
-    finished = run_dir / "teacher_forced.weights.h5"
+def _teacher_forcing(model, train_data, val_data, settings, run_dir, log, started):
+    """Fit by teacher forcing, or take the weights an earlier, interrupted run finished with.
+    Returns {"seconds", "steps"} of the whole teacher forcing, the runs it resumed included (a
+    run resumed after teacher forcing used to report the time it took to load the weights)."""
+    finished, record = run_dir / "teacher_forced.weights.h5", run_dir / "teacher_forced.json"
     if finished.is_file():
         log(f"teacher forcing finished in an earlier run ({finished}): going on from its weights")
         model.load_weights(finished)
-        return
-    fit_captioner(model, train_data, val_data, epochs=settings["epochs"], learning_rate=settings["learning_rate"],
-                  label_smoothing=settings["label_smoothing"], patience=settings["patience"], run_dir=run_dir)
+        if record.is_file():
+            return read_json(record, "teacher forcing's record", kind=dict)
+        return {"seconds": time.perf_counter() - started}  # a run of an older version kept no record
+    history = fit_captioner(model, train_data, val_data, epochs=settings["epochs"],
+                            learning_rate=settings["learning_rate"], label_smoothing=settings["label_smoothing"],
+                            patience=settings["patience"], run_dir=run_dir)
+    done = {"seconds": history.seconds if history.seconds is not None else time.perf_counter() - started,
+            "steps": int(model.optimizer.iterations)}
+    write_json_atomic(record, done)
     save_atomically(finished, model.save_weights, ".weights.h5")  # a full disk leaves no half file
+    return done
 
 
 def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs=None, preset="cpu-small",
@@ -308,8 +317,10 @@ def _train_pipeline(dataset, data_dir, worker, *, encoder, weights, arch, out_di
     run_dir = staging / "training"
     _same_run_or_start_over(run_dir, run, log)
     started = time.perf_counter()
-    _teacher_forcing(model, train_data, val_data, settings, run_dir, log)
-    metrics = history_metrics(read_history(run_dir), time.perf_counter() - started)
+    done = _teacher_forcing(model, train_data, val_data, settings, run_dir, log, started)
+    metrics = history_metrics(read_history(run_dir), done["seconds"])
+    if "steps" in done:
+        metrics["steps"] = done["steps"]  # optimizer updates: a resumed run continues the count
     if settings["self_critical_epochs"]:
         metrics["self_critical"] = _self_critical_phase(model, prepared, store, (train_splits, val_splits),
                                                         settings, epochs, seed, log)
@@ -321,7 +332,8 @@ def _train_pipeline(dataset, data_dir, worker, *, encoder, weights, arch, out_di
     save_bundle(staging, model, prepared.vocab, bundle_settings(
         arch, dataset, store, settings, metrics, preset=preset, seed=seed, run=run,
         train_splits=list(train_splits), validation_splits=list(val_splits)))
-    for leftover in ("best.keras", "teacher_forced.weights.h5"):  # model.keras holds the weights now
+    # model.keras holds the weights now; the record of teacher forcing is in bundle.json
+    for leftover in ("best.keras", "teacher_forced.weights.h5", "teacher_forced.json"):
         (run_dir / leftover).unlink(missing_ok=True)
     replace_folder(staging, out_dir)
     log(f"bundle written to {out_dir} ({metrics})")

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from captioning import quiet_tensorflow
@@ -284,12 +285,29 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
         self.csv_logger, self.checkpoint = csv_logger, checkpoint
 
     def on_train_begin(self, logs=None):
+        # The backup holds the optimizer's state (Adam's moments, its step count) and Keras loads
+        # it into the optimizer, which it builds for that. We build it first, to keep a copy of its
+        # fresh state: a backup that fails half-way through loading is undone for the optimizer
+        # too, not only for the weights.
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            with self.model.distribute_strategy.scope():
+                optimizer.build(self.model.trainable_variables)
         initial = self.model.get_weights()
+        initial_optimizer = [variable.numpy() for variable in optimizer.variables] if optimizer else []
+        self.started, self.earlier_seconds = time.perf_counter(), 0.0
         try:
-            return super().on_train_begin(logs)
+            super().on_train_begin(logs)
+            if Path(self._training_metadata_path).is_file():  # resumed: the time the earlier runs trained
+                metadata = json.loads(Path(self._training_metadata_path).read_text(encoding="utf-8"))
+                self.earlier_seconds = float(metadata.get("seconds", 0.0))
+            return
         except Exception as error:  # h5py, json and Keras raise many kinds for one bad folder
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         self.model.set_weights(initial)
+        for variable, value in zip(optimizer.variables if optimizer else [], initial_optimizer):
+            variable.assign(value)
+        self.earlier_seconds = 0.0
         self.model._initial_epoch = None
         aside = Path(self.backup_dir).with_name("backup.unusable")
         shutil.rmtree(aside, ignore_errors=True)
@@ -304,8 +322,13 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
         # the weights first, so the epoch in training_metadata.json always has its weights.
         Path(self.backup_dir).mkdir(parents=True, exist_ok=True)
         save_atomically(self._weights_path, lambda temp: self.model.save_weights(temp, overwrite=True), ".weights.h5")
-        write_text_atomic(self._training_metadata_path,
-                          json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
+        write_text_atomic(self._training_metadata_path, json.dumps({
+            "epoch": self._current_epoch, "batch": self._last_batch_seen,
+            "seconds": self.earlier_seconds + time.perf_counter() - self.started}))
+
+    def seconds(self):
+        """Training time so far, the runs this one resumed included."""
+        return self.earlier_seconds + time.perf_counter() - self.started
 
 
 def training_callbacks(run_dir, *, patience=4, monitor="val_loss", tensorboard=False):
@@ -353,6 +376,9 @@ def fit_captioner(model, train_data, validation_data=None, *, epochs=30, learnin
     # shuffle=False: make_dataset already shuffles, once per epoch, with its seed.
     history = model.fit(train_data, validation_data=validation_data, epochs=epochs, callbacks=callbacks,
                         shuffle=False, verbose=verbose)
+    # The seconds of the whole run, across interruptions (pipeline.py records them in bundle.json).
+    history.seconds = next((callback.seconds() for callback in callbacks if isinstance(callback, ResumableBackup)),
+                           None)
     best = Path(run_dir) / "best.keras" if run_dir is not None else None
     if best is not None and best.is_file() and len(history.epoch) < len(read_history(run_dir).get(monitor, [])):
         # Resumed: early stopping only saw the epochs since; the checkpoint saw them all.

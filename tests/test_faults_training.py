@@ -7,7 +7,9 @@ and MobileNetV2 with fixed random weights, so nothing from outside is needed.
 """
 
 import json
+import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import sys
 import pytest
 
 from captioning.fileio import lock_path
+from captioning.training import PRESETS
 from conftest import REPO, run_cli
 from test_faults import one_line_error, tiny_flickr8k, train
 
@@ -103,12 +106,19 @@ def test_a_full_disk_while_the_backup_is_written_ends_cleanly_and_keeps_the_last
     assert "open HDF5 files: 0" in result.stderr, line
     training = out.with_name("bundle.partial") / "training"
     assert not [path.name for path in training.rglob(".*")]  # no temporary file left behind
-    assert json.loads((training / "backup" / "training_metadata.json").read_text())["epoch"] == 1
+    backed_up = json.loads((training / "backup" / "training_metadata.json").read_text())
+    assert backed_up["epoch"] == 1 and backed_up["seconds"] > 0
     assert not lock_path(out).exists()
-    # With room again, the same command resumes after epoch 1 from the intact backup.
+    # With room again, the same command resumes after epoch 1 from the intact backup: the
+    # optimizer goes on from its state (its step count continues: Adam's moments were reset
+    # before), and the training time adds the earlier run's instead of counting from zero.
     again = train(data_dir, out, work, "--epochs", 3)
     assert "Epoch 1/3" not in again.stdout and "Epoch 3/3" in again.stdout and "cannot be restored" not in again.stderr
-    assert json.loads((out / "bundle.json").read_text())["metrics"]["epochs_run"] == 3
+    metrics = json.loads((out / "bundle.json").read_text())["metrics"]
+    captions = int(re.search(r"training on (\d+) captions", again.stdout).group(1))
+    assert metrics["epochs_run"] == 3
+    assert metrics["steps"] == 3 * math.ceil(captions / PRESETS["cpu-small"]["batch_size"])
+    assert metrics["training_seconds"] >= round(backed_up["seconds"], 1)
 
 
 # --- what `train` reports about its data ---------------------------------------------------------
@@ -141,3 +151,28 @@ def test_train_reports_the_rows_a_captions_file_that_is_not_utf8_lost_as_prepare
                       "--out", tmp_path / "bundle", "--cache-dir", tmp_path / "work", "--epochs", 1,
                       "--self-critical-epochs", 0)
     assert f"note: {own}: {expected}" in trained.stderr and (tmp_path / "bundle" / "bundle.json").is_file()
+
+
+def test_a_rerun_after_teacher_forcing_finished_keeps_its_training_time(tiny_data, tmp_path):
+    # The disk fills up when the bundle is written, after teacher forcing: the rerun takes the
+    # finished weights and used to report the seconds it took to load them (0.0) as training time.
+    data_dir, work = tiny_data
+    out = tmp_path / "bundle"
+    code = ("import errno, sys\n"
+            "import captioning.bundle\n"
+            "def full(out_dir, *args, **kwargs):\n"
+            "    raise OSError(errno.ENOSPC, 'No space left on device', str(out_dir / 'model.keras'))\n"
+            "captioning.bundle.save_bundle = full\n"
+            "from captioning.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    arguments = ["train", "--dataset", "flickr8k", "--data-dir", data_dir, "--encoder", "mobilenet_v2",
+                 "--weights", "none", "--out", out, "--cache-dir", work, "--epochs", 2, "--self-critical-epochs", 0]
+    failed = subprocess.run([sys.executable, "-c", code, *map(str, arguments)], capture_output=True, text=True,
+                            timeout=600, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    one_line_error(failed, "no space left", "model.keras")
+    record = json.loads((out.with_name("bundle.partial") / "training" / "teacher_forced.json").read_text())
+    assert record["seconds"] > 0
+    again = train(data_dir, out, work)
+    assert "teacher forcing finished in an earlier run" in again.stdout
+    metrics = json.loads((out / "bundle.json").read_text())["metrics"]
+    assert metrics["training_seconds"] >= round(record["seconds"], 1) and metrics["steps"] == record["steps"]
