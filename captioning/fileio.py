@@ -274,13 +274,23 @@ def replace_folder(new, final):
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def restore_folder(final):
-    """Put back the folder a replace_folder set aside, if it was cut between its two renames."""
+def restore_folder(final, replacement_done=None):
+    """Put back the folder a replace_folder set aside, if it was cut between its two renames.
+
+    `replacement_done`: a file that exists only while the complete replacement waits to move in
+    (its bundle.json). Without it, the cut came after the second rename: the folder aside is a
+    stale old version, and FINAL is missing because the user moved it away since (keep ->
+    keep.old). Putting the old version back under FINAL would undo the user's rename: it is
+    deleted instead, as replace_folder would have."""
     final = Path(final)
     aside = _aside(final)
-    if aside.is_dir() and (aside / BACKUP_MARKER).is_file() and not final.exists():
-        os.rename(aside, final)
-        (final / BACKUP_MARKER).unlink(missing_ok=True)
+    if not (aside.is_dir() and (aside / BACKUP_MARKER).is_file()) or final.exists():
+        return
+    if replacement_done is not None and not Path(replacement_done).exists():
+        shutil.rmtree(aside)
+        return
+    os.rename(aside, final)
+    (final / BACKUP_MARKER).unlink(missing_ok=True)
 
 
 def work_paths(work_dir, dataset, encoder=None, pooling="avg", arch=None):

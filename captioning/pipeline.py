@@ -181,19 +181,30 @@ def _self_critical_phase(model, prepared, store, splits, settings, epochs, seed,
                          **self_critical_recipe(settings, epochs))
 
 
+# What `train` writes into a bundle folder (`evaluate` adds eval-SPLIT folders).
+BUNDLE_ENTRIES = {"bundle.json", "model.keras", "vocabulary.json", "training"}
+
+
 def _bundle_folder(out_dir, overwrite):
     """Check --out before any work: a folder for a new bundle, or a trained bundle with overwrite."""
     out_dir = Path(out_dir)
-    restore_folder(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".partial")  # this run's work; a rerun resumes from it
+    restore_folder(out_dir, replacement_done=staging / "bundle.json")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output folder {out_dir} is a file: choose a folder for the bundle")
     if (out_dir / "bundle.json").is_file():
+        # --overwrite replaces the whole folder: refuse one that holds anything a bundle does not
+        # (the user's own files beside a bundle.json), which the replacement would delete.
+        foreign = sorted(path.name for path in out_dir.iterdir() if path.name not in BUNDLE_ENTRIES
+                         and not (path.is_dir() and path.name.startswith("eval-")))
+        if foreign:
+            raise ValueError(f"{out_dir} holds files that are not part of a bundle ({', '.join(foreign[:3])}"
+                             f"{' ...' if len(foreign) > 3 else ''}): choose another output folder, or move them")
         if not overwrite:
             raise ValueError(f"{out_dir} holds a trained bundle: choose another output folder, or pass --overwrite "
                              "(overwrite=True) to replace it once the new one is complete")
     elif out_dir.is_dir() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} is not empty and holds no bundle: choose a new or empty folder for the bundle")
-    staging = out_dir.with_name(out_dir.name + ".partial")  # this run's work; a rerun resumes from it
     return out_dir, writable_folder(staging, "output folder")
 
 

@@ -16,10 +16,10 @@ import sys
 
 import pytest
 
-from captioning.fileio import lock_path
+from captioning.fileio import BACKUP_MARKER, lock_path
 from captioning.training import PRESETS
 from conftest import REPO, run_cli
-from test_faults import one_line_error, tiny_flickr8k, train
+from test_faults import folder_digest, one_line_error, tiny_flickr8k, train
 
 pytestmark = pytest.mark.slow
 
@@ -176,3 +176,43 @@ def test_a_rerun_after_teacher_forcing_finished_keeps_its_training_time(tiny_dat
     assert "teacher forcing finished in an earlier run" in again.stdout
     metrics = json.loads((out / "bundle.json").read_text())["metrics"]
     assert metrics["training_seconds"] >= round(record["seconds"], 1) and metrics["steps"] == record["steps"]
+
+
+# --- what the user made is never renamed or deleted ----------------------------------------------
+
+def test_train_never_renames_back_a_bundle_the_user_moved_away(tiny_data, tmp_path):
+    # `train --overwrite --out keep` was cut after the new bundle moved in, before the old one set
+    # aside was deleted; the user then renamed keep to keep.old. The next `train --out keep` put
+    # the stale old bundle back under keep (and refused to train into it): it is deleted instead.
+    data_dir, work = tiny_data
+    mine = tmp_path / "keep.old"
+    mine.mkdir()
+    (mine / "bundle.json").write_text('{"arch": "merge"}')
+    (mine / "notes.txt").write_text("my renamed bundle")
+    before = folder_digest(mine)
+    stale = tmp_path / ".keep.captioning-replaced"
+    stale.mkdir()
+    (stale / "bundle.json").write_text('{"arch": "merge", "stale": true}')
+    (stale / BACKUP_MARKER).write_text("set aside while a new version replaced this folder\n")
+    result = train(data_dir, tmp_path / "keep", work)
+    assert "bundle:" in result.stdout
+    assert "stale" not in (tmp_path / "keep" / "bundle.json").read_text()  # a new bundle, not the old one back
+    assert folder_digest(mine) == before and not stale.exists()
+
+
+def test_an_out_folder_holding_what_is_not_a_bundle_is_refused_untouched(tiny_data, tmp_path):
+    data_dir, work = tiny_data
+    photos = tmp_path / "photos"  # a folder of the user's, given as --out by mistake
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"\xff\xd8 not really a photo")
+    project = tmp_path / "project"  # a bundle.json among the user's own files
+    project.mkdir()
+    (project / "bundle.json").write_text('{"arch": "merge"}')
+    (project / "report.docx").write_bytes(b"the user's report")
+    before = {folder: folder_digest(folder) for folder in (photos, project)}
+    for extra in ((), ("--overwrite",)):
+        one_line_error(train(data_dir, photos, work, *extra, check=False), str(photos), "holds no bundle")
+    line = one_line_error(train(data_dir, project, work, "--overwrite", check=False), str(project), "report.docx")
+    assert "not part of a bundle" in line
+    assert {folder: folder_digest(folder) for folder in (photos, project)} == before
+    assert not [path for path in tmp_path.iterdir() if path.name.endswith((".partial", "-lock"))]
