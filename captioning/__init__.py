@@ -27,7 +27,8 @@ them on a first reading.
     feature_jobs   how one caching job runs: what changed, chunks, the lock, resuming (notebook 02)
     feature_store  that cache's file format
     bundle         a trained model saved with its vocabulary and settings             (notebook 03)
-    pipeline       the `train` and `evaluate` commands, end to end                    (notebooks 03, 05)
+    pipeline       the `train` command end to end                                     (notebook 03)
+    evaluate       the `evaluate` command: a bundle scored on a split                 (notebook 05)
     export         a bundle as a SavedModel or .tflite that runs without this package (notebook 04)
     cluster        multi-worker start-up: waiting for the peers TF_CONFIG names
     widgets        what the interactive panels compute: beam table, attention maps   (notebooks 04, 06)

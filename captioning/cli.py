@@ -192,7 +192,7 @@ def build_parser():
 
 def cmd_prepare(args):
     from captioning import data
-    from captioning.fileio import writable_folder
+    from captioning.fileio import left_out_rows, writable_folder
 
     writable_folder(args.out, "--out folder")
     prepared = data.prepare(
@@ -212,9 +212,8 @@ def cmd_prepare(args):
           f"length {lengths['min']}-{lengths['max']} words (mean {lengths['mean']})")
     print(f"  empty: {report['empty_captions']}, duplicate: {report['duplicate_captions']}, "
           f"non-ASCII: {report['non_ascii_captions']}")
-    for kind, entry in report.get("bad_rows", {}).items():  # a captions file of your own (own_data.py)
-        print(f"  left out, {kind.replace('_', ' ')}: {entry['count']} row(s), lines "
-              f"{', '.join(map(str, entry['lines']))}{' ...' if entry['count'] > len(entry['lines']) else ''}")
+    for line in left_out_rows(report):  # a captions file of your own (own_data.py)
+        print(f"  {line}")
     vocab = report["vocabulary"]
     print(f"  vocabulary: {vocab['size']:,} words (min count {vocab['min_count']}, max length "
           f"{vocab['max_length']}), unknown-word rate {vocab['unknown_word_rate']:.1%}")
@@ -305,7 +304,7 @@ def cmd_evaluate(args):
     import contextlib
     import json
 
-    from captioning.pipeline import evaluate_bundle
+    from captioning.evaluate import evaluate_bundle
 
     # stdout carries only the metrics JSON, so that `... | jq .coco.CIDEr` works:
     # anything the pipeline prints on the way goes to stderr.

@@ -15,7 +15,7 @@ that ran PTBTokenizer split "man's" into "man 's" where we write "mans": the
 numbers are comparable in trend, not to the third decimal.
 
 This module is pure metrics: captions in, numbers out. Captioning a whole
-split with a bundle and writing the run's files is `pipeline.evaluate_bundle`.
+split with a bundle and writing the run's files is `evaluate.evaluate_bundle`.
 """
 
 import shutil

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -152,6 +153,100 @@ def writable_folder(path, what="output folder"):
     return path
 
 
+def left_out_rows(report):
+    """The rows a captions file of your own lost, one line per kind (own_data.BAD_ROW_KINDS), from
+    a prepared report: "left out, not utf8: 2 row(s), lines 4, 9". `prepare` and `train` print
+    the same lines, so that a user who only ever runs `train` still learns that rows were dropped."""
+    return [f"left out, {kind.replace('_', ' ')}: {entry['count']} row(s), lines "
+            f"{', '.join(map(str, entry['lines']))}{' ...' if entry['count'] > len(entry['lines']) else ''}"
+            for kind, entry in report.get("bad_rows", {}).items()]
+
+
+def lock_path(folder):
+    """The lock file of `folder`: beside it, not in it, because the folder may not exist yet and
+    replace_folder renames it while the lock is held."""
+    folder = Path(folder)
+    return folder.with_name(f".{folder.name}.captioning-lock")
+
+
+def _lock_holder(lock):
+    """{"pid", "host"} written in a lock file, or None when it cannot be read (being written)."""
+    try:
+        holder = json.loads(Path(lock).read_text(encoding="utf-8"))
+        return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what="output folder", log=None):
+    """Hold `folder` for this process while the block runs: a second process asking for the same
+    folder is refused with a ValueError naming the folder and the holder's process id.
+
+    Two `train` runs into one --out would otherwise both train into OUT.partial, delete each
+    other's work and both say "written". The lock is a file made with O_CREAT | O_EXCL (only one
+    process can create it), holding the process id and host name. A lock left by a process
+    that died (a kill -9, a power cut) must not block the folder for ever: one whose process is
+    gone from this host is taken over, with a note through `log`. One of another host cannot be
+    checked from here, so it is refused, saying which file to delete if that run is over.
+    """
+    lock = lock_path(folder)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    mine = {"pid": os.getpid(), "host": socket.gethostname()}
+    while True:
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_UMASK)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is None or holder.get("host") != mine["host"] or _alive(holder["pid"]):
+                who = (f"process {holder['pid']} on {holder.get('host')}" if holder else "another process")
+                raise ValueError(f"{what} {folder} is in use by {who}: wait for that run to finish, or choose "
+                                 f"another folder (if no run is using it any more, delete {lock})") from None
+            # Stale: take it over by renaming it aside, which only one process can do; if what we
+            # renamed is not the stale lock we judged (another process took it over first), put it back.
+            aside = lock.with_name(f"{lock.name}.{os.getpid()}")
+            try:
+                os.rename(lock, aside)
+            except FileNotFoundError:
+                continue
+            if _lock_holder(aside) != holder:
+                with contextlib.suppress(OSError):
+                    os.link(aside, lock)
+                os.remove(aside)
+                continue
+            os.remove(aside)
+            if log:
+                log(f"note: took over the lock of {folder} left by process {holder['pid']}, which is gone")
+            continue
+        except OSError as error:  # a read-only or full parent: name the folder asked for, not our file
+            raise OSError(error.errno, f"cannot write beside {what} {folder} ({error.strerror}): choose a "
+                                       "folder you can write to, or free some space") from None
+        try:
+            os.write(handle, json.dumps(mine).encode())
+        except OSError:
+            os.close(handle)
+            os.remove(lock)
+            raise
+        os.close(handle)
+        break
+    try:
+        yield lock
+    finally:
+        if _lock_holder(lock) == mine:  # never remove a lock another process holds now
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)
+
+
 BACKUP_MARKER = ".captioning-replaced"  # inside a folder replace_folder set aside: ours to delete or put back
 
 
@@ -179,13 +274,23 @@ def replace_folder(new, final):
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def restore_folder(final):
-    """Put back the folder a replace_folder set aside, if it was cut between its two renames."""
+def restore_folder(final, replacement_done=None):
+    """Put back the folder a replace_folder set aside, if it was cut between its two renames.
+
+    `replacement_done`: a file that exists only while the complete replacement waits to move in
+    (its bundle.json). Without it, the cut came after the second rename: the folder aside is a
+    stale old version, and FINAL is missing because the user moved it away since (keep ->
+    keep.old). Putting the old version back under FINAL would undo the user's rename: it is
+    deleted instead, as replace_folder would have."""
     final = Path(final)
     aside = _aside(final)
-    if aside.is_dir() and (aside / BACKUP_MARKER).is_file() and not final.exists():
-        os.rename(aside, final)
-        (final / BACKUP_MARKER).unlink(missing_ok=True)
+    if not (aside.is_dir() and (aside / BACKUP_MARKER).is_file()) or final.exists():
+        return
+    if replacement_done is not None and not Path(replacement_done).exists():
+        shutil.rmtree(aside)
+        return
+    os.rename(aside, final)
+    (final / BACKUP_MARKER).unlink(missing_ok=True)
 
 
 def work_paths(work_dir, dataset, encoder=None, pooling="avg", arch=None):

@@ -1,15 +1,14 @@
-"""The `train` and `evaluate` commands end to end (notebooks 03 and 05).
+"""The `train` command end to end (notebook 03).
 
     train_pipeline    prepared data -> feature cache -> teacher forcing ->
                       self-critical fine-tuning -> a saved bundle
-    evaluate_bundle   a bundle + a held-out split -> captions, scores,
-                      metrics.json and captions.json
 
 Notebook 03 does the training steps one cell at a time; notebooks 05 and 06
-call both functions for their experiments. Every stage caches: the prepared
-table and the features are reused by the next run when they were made from the
-same data with the same settings, so training a second architecture or a
-second seed costs the training only, and evaluating costs the captioning only.
+call train_pipeline for their experiments (evaluate.py scores the bundles).
+Every stage caches: the prepared table and the features are reused by the next
+run when they were made from the same data with the same settings, so training
+a second architecture or a second seed costs the training only, and evaluating
+costs the captioning only.
 """
 
 import hashlib
@@ -26,13 +25,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from captioning import architectures, encoders  # noqa: E402
-from captioning.data import get_dataset, load_dataset, load_prepared, prepare, source_fingerprint  # noqa: E402
-from captioning.evaluation import (bleu_scores, bootstrap_intervals, coco_scores_per_image, diversity,  # noqa: E402
-                                  same_caption_warning)
+from captioning.data import get_dataset, load_prepared, prepare, source_fingerprint  # noqa: E402
+from captioning.evaluation import same_caption_warning  # noqa: E402
 from captioning.features import FeatureStore, cache_features  # noqa: E402
-from captioning.fileio import (atomic_path, read_json, replace_folder, restore_folder, work_paths,  # noqa: E402
+from captioning.fileio import (folder_lock, left_out_rows, read_json, replace_folder, restore_folder, work_paths,  # noqa: E402
                                writable_folder, write_json_atomic)
-from captioning.training import MODEL_KEYS, fit_captioner, make_dataset, preset_settings, read_history  # noqa: E402
+from captioning.training import (MODEL_KEYS, fit_captioner, make_dataset, preset_settings,  # noqa: E402
+                                 read_history, save_atomically)
 
 # Captioning in chunks keeps beam search's working memory (chunk x beam x vocabulary
 # log-probabilities) small on a full 5,000-image COCO split.
@@ -40,6 +39,14 @@ CHUNK = 500
 
 
 def _prepared_data(dataset, data_dir, prepared_dir, settings, karpathy_split, log):
+    """The prepared data, and a note of the rows its captions file lost, as `prepare` prints it."""
+    prepared = _prepare_or_reuse(dataset, data_dir, prepared_dir, settings, karpathy_split, log)
+    for line in left_out_rows(prepared.report):
+        print(f"note: {data_dir}: {line}", file=sys.stderr)
+    return prepared
+
+
+def _prepare_or_reuse(dataset, data_dir, prepared_dir, settings, karpathy_split, log):
     """Reuse the prepared folder when it was made from the same data with the same settings."""
     wanted = {"dataset": dataset, "data_dir": str(Path(data_dir).resolve()),
               "min_count": settings["min_count"], "max_length": settings["max_length"],
@@ -174,19 +181,30 @@ def _self_critical_phase(model, prepared, store, splits, settings, epochs, seed,
                          **self_critical_recipe(settings, epochs))
 
 
+# What `train` writes into a bundle folder (`evaluate` adds eval-SPLIT folders).
+BUNDLE_ENTRIES = {"bundle.json", "model.keras", "vocabulary.json", "training"}
+
+
 def _bundle_folder(out_dir, overwrite):
     """Check --out before any work: a folder for a new bundle, or a trained bundle with overwrite."""
     out_dir = Path(out_dir)
-    restore_folder(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".partial")  # this run's work; a rerun resumes from it
+    restore_folder(out_dir, replacement_done=staging / "bundle.json")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output folder {out_dir} is a file: choose a folder for the bundle")
     if (out_dir / "bundle.json").is_file():
+        # --overwrite replaces the whole folder: refuse one that holds anything a bundle does not
+        # (the user's own files beside a bundle.json), which the replacement would delete.
+        foreign = sorted(path.name for path in out_dir.iterdir() if path.name not in BUNDLE_ENTRIES
+                         and not (path.is_dir() and path.name.startswith("eval-")))
+        if foreign:
+            raise ValueError(f"{out_dir} holds files that are not part of a bundle ({', '.join(foreign[:3])}"
+                             f"{' ...' if len(foreign) > 3 else ''}): choose another output folder, or move them")
         if not overwrite:
             raise ValueError(f"{out_dir} holds a trained bundle: choose another output folder, or pass --overwrite "
                              "(overwrite=True) to replace it once the new one is complete")
     elif out_dir.is_dir() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} is not empty and holds no bundle: choose a new or empty folder for the bundle")
-    staging = out_dir.with_name(out_dir.name + ".partial")  # this run's work; a rerun resumes from it
     return out_dir, writable_folder(staging, "output folder")
 
 
@@ -211,17 +229,25 @@ def _same_run_or_start_over(run_dir, run, log):
     write_json_atomic(marker, run)
 
 
-def _teacher_forcing(model, train_data, val_data, settings, run_dir, log):
-    """Fit by teacher forcing, or take the weights an earlier, interrupted run finished with."""
-    finished = run_dir / "teacher_forced.weights.h5"
+def _teacher_forcing(model, train_data, val_data, settings, run_dir, log, started):
+    """Fit by teacher forcing, or take the weights an earlier, interrupted run finished with.
+    Returns {"seconds", "steps"} of the whole teacher forcing, the runs it resumed included (a
+    run resumed after teacher forcing used to report the time it took to load the weights)."""
+    finished, record = run_dir / "teacher_forced.weights.h5", run_dir / "teacher_forced.json"
     if finished.is_file():
         log(f"teacher forcing finished in an earlier run ({finished}): going on from its weights")
         model.load_weights(finished)
-        return
-    fit_captioner(model, train_data, val_data, epochs=settings["epochs"], learning_rate=settings["learning_rate"],
-                  label_smoothing=settings["label_smoothing"], patience=settings["patience"], run_dir=run_dir)
-    with atomic_path(finished, suffix=".weights.h5") as temp:
-        model.save_weights(temp)
+        if record.is_file():
+            return read_json(record, "teacher forcing's record", kind=dict)
+        return {"seconds": time.perf_counter() - started}  # a run of an older version kept no record
+    history = fit_captioner(model, train_data, val_data, epochs=settings["epochs"],
+                            learning_rate=settings["learning_rate"], label_smoothing=settings["label_smoothing"],
+                            patience=settings["patience"], run_dir=run_dir)
+    done = {"seconds": history.seconds if history.seconds is not None else time.perf_counter() - started,
+            "steps": int(model.optimizer.iterations)}
+    write_json_atomic(record, done)
+    save_atomically(finished, model.save_weights, ".weights.h5")  # a full disk leaves no half file
+    return done
 
 
 def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs=None, preset="cpu-small",
@@ -238,13 +264,27 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
     An interrupted run, run again, resumes. With reuse=True, a bundle in
     `out_dir` that this very run made (same architecture, settings, seed,
     data, vocabulary and features: bundle.json "run") is returned as it is,
-    in seconds: a notebook cell run again retrains only what changed.
+    in seconds: a notebook cell run again retrains only what changed. Two
+    runs into one `out_dir` at once would share OUT.partial and undo each
+    other's work: the second is refused (fileio.folder_lock).
     Returns the bundle folder. Notebook 03.
     """
+    worker = _worker_id(strategy)
+    options = dict(encoder=encoder, weights=weights, arch=arch, out_dir=out_dir, epochs=epochs, preset=preset,
+                   cache_dir=cache_dir, karpathy_split=karpathy_split, seed=seed, strategy=strategy,
+                   overwrite=overwrite, reuse=reuse, log=log, **overrides)
+    if worker is not None:  # a cluster's other workers write no bundle, only their own scratch folders
+        return _train_pipeline(dataset, data_dir, worker, **options)
+    with folder_lock(out_dir, log=lambda line: print(line, file=sys.stderr)):
+        return _train_pipeline(dataset, data_dir, worker, **options)
+
+
+def _train_pipeline(dataset, data_dir, worker, *, encoder, weights, arch, out_dir, epochs, preset, cache_dir,
+                    karpathy_split, seed, strategy, overwrite, reuse, log, **overrides):
+    """train_pipeline's work, once this process holds `out_dir` (or is not the chief)."""
     from captioning.bundle import save_bundle
     settings = preset_settings(preset, epochs=epochs, **overrides)
     pooling = architectures.pooling(arch)
-    worker = _worker_id(strategy)
     if worker is None:
         out_dir, staging = _bundle_folder(out_dir, overwrite or reuse)
     else:  # another worker of a cluster: same work, its own scratch folder, the chief writes the bundle
@@ -288,8 +328,10 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
     run_dir = staging / "training"
     _same_run_or_start_over(run_dir, run, log)
     started = time.perf_counter()
-    _teacher_forcing(model, train_data, val_data, settings, run_dir, log)
-    metrics = history_metrics(read_history(run_dir), time.perf_counter() - started)
+    done = _teacher_forcing(model, train_data, val_data, settings, run_dir, log, started)
+    metrics = history_metrics(read_history(run_dir), done["seconds"])
+    if "steps" in done:
+        metrics["steps"] = done["steps"]  # optimizer updates: a resumed run continues the count
     if settings["self_critical_epochs"]:
         metrics["self_critical"] = _self_critical_phase(model, prepared, store, (train_splits, val_splits),
                                                         settings, epochs, seed, log)
@@ -301,121 +343,9 @@ def train_pipeline(dataset, data_dir, *, encoder, weights, arch, out_dir, epochs
     save_bundle(staging, model, prepared.vocab, bundle_settings(
         arch, dataset, store, settings, metrics, preset=preset, seed=seed, run=run,
         train_splits=list(train_splits), validation_splits=list(val_splits)))
-    for leftover in ("best.keras", "teacher_forced.weights.h5"):  # model.keras holds the weights now
+    # model.keras holds the weights now; the record of teacher forcing is in bundle.json
+    for leftover in ("best.keras", "teacher_forced.weights.h5", "teacher_forced.json"):
         (run_dir / leftover).unlink(missing_ok=True)
     replace_folder(staging, out_dir)
     log(f"bundle written to {out_dir} ({metrics})")
     return out_dir
-
-
-# --- evaluate ------------------------------------------------------------------------
-
-def _split_images(df, dataset, data_dir, split):
-    """{image id: (file name, absolute path)} and {image id: [raw references]} of one split."""
-    rows = df[df["split"] == split]
-    if rows.empty:
-        available = sorted(df["split"].unique())
-        raise ValueError(f"split {split!r} has no images on disk for {dataset} in {data_dir} "
-                         f"(splits with images: {', '.join(available) or 'none'})")
-    images, references = {}, {}
-    for row in rows.itertuples(index=False):
-        images[row.image_id] = (row.file_name, row.image_path)
-        references.setdefault(row.image_id, []).append(row.caption)
-    return images, references
-
-
-def _evaluation_features(captioner, df, images, dataset, cache_dir):
-    """Features of the split's images from the shared cache, filling the cache first if it lacks some.
-
-    The cache folder is the one `train` and notebook 02 use, so a split that was
-    cached before costs nothing. A cache holds exactly the images it was last
-    asked for, so when images are missing we ask for every image of the dataset
-    on disk (as `train` does), never for this split alone, which would replace
-    the training features. Unreadable images are reported, not fatal. Features
-    made by another encoder than the bundle's give fluent nonsense, silently:
-    they are refused.
-    """
-    trained = captioner.settings["encoder"]
-    folder = work_paths(cache_dir, dataset, trained["encoder"], trained["pooling"])["features"]
-    try:
-        store = FeatureStore.open(folder)
-        unreadable = {image_id for image_id, _, _ in store.skipped}
-        missing = [image_id for image_id in images if image_id not in store and image_id not in unreadable]
-    except (FileNotFoundError, ValueError):
-        missing = list(images)
-    if missing:
-        print(f"caching {trained['encoder']} features into {folder} ({len(missing)} images of "
-              "the split were not cached)", file=sys.stderr)
-        encoder = encoders.build_encoder_like(trained, where=f"{captioner.bundle_dir}/bundle.json field 'encoder'")
-        cache_features(df[["image_id", "image_path"]], folder, encoder=encoder, progress=False)
-    store = FeatureStore.open(folder, expect=trained)
-    skipped = [{"id": image_id, "path": path, "reason": reason}
-               for image_id, path, reason in store.skipped if image_id in images]
-    ids = [image_id for image_id in images if image_id in store]
-    return ids, store.get_many(ids), skipped
-
-
-def evaluate_bundle(bundle_dir, dataset, data_dir, split, *, beam_width=3, out_dir=None, cache_dir=None,
-                    karpathy_split=None, meteor=True):
-    """Caption the `split` images of `dataset` with the bundle and score them; `evaluate` (notebook 05).
-
-    References: every caption of each image on disk in `load_dataset(dataset,
-    data_dir)`. Features: the shared cache under cache_dir (default data/work),
-    extended with any image it lacks. Decoding: beam search of width
-    `beam_width`. Writes metrics.json (scores, bootstrap intervals, diversity,
-    settings) and captions.json (per image: caption, references, own scores)
-    into `out_dir` (default: BUNDLE/eval-SPLIT), atomically, and returns the metrics.
-    """
-    from captioning.bundle import Captioner
-
-    start = time.perf_counter()
-    bundle_dir = Path(bundle_dir)
-    if not isinstance(beam_width, int) or beam_width < 1:
-        raise ValueError(f"beam width must be a positive integer, got {beam_width!r}")
-    out_dir = writable_folder(out_dir if out_dir else bundle_dir / f"eval-{split}", "--out folder")
-    captioner = Captioner.load(bundle_dir)
-    settings = captioner.settings
-    if settings["dataset"] != dataset:
-        print(f"note: {bundle_dir} was trained on {settings['dataset']}, evaluated here on {dataset}", file=sys.stderr)
-    df = load_dataset(dataset, data_dir, karpathy_split=karpathy_split, on_disk_only=True)
-    images, raw_references = _split_images(df, dataset, data_dir, split)
-    ids, features, skipped = _evaluation_features(captioner, df, images, dataset, cache_dir or "data/work")
-    if not ids:
-        raise ValueError(f"none of the {len(images)} {split!r} images could be read: {skipped[:3]}")
-
-    generated = []
-    for first in range(0, len(ids), CHUNK):
-        generated += captioner.caption_features(features[first:first + CHUNK], beam_width=beam_width)
-    hypotheses = dict(zip(ids, generated))
-    references = {image_id: raw_references[image_id] for image_id in ids}
-    training = df.loc[df["split"].isin(settings["train_splits"]), "caption"]
-
-    warning = same_caption_warning(generated)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    coco, per_image = coco_scores_per_image(references, hypotheses, meteor=meteor)
-    metrics = {
-        "bundle": str(bundle_dir), "arch": settings["arch"], "dataset": dataset, "split": split,
-        "encoder": settings["encoder"]["encoder"], "beam_width": beam_width,
-        "karpathy_split": str(karpathy_split) if karpathy_split else None,
-        "images": len(ids), "skipped_images": skipped,
-        "coco": coco, "bleu_nltk": bleu_scores(references, hypotheses),
-        "intervals": bootstrap_intervals(references, hypotheses,
-                                         cider_per_image={key: value["CIDEr"] for key, value in per_image.items()}),
-        "diversity": diversity(hypotheses, training),
-        "warnings": [warning] if warning else [],
-        "tokenization": "captioning.vocab.clean_caption, space-joined, for nltk and the COCO toolkit alike",
-    }
-    metrics["seconds"] = round(time.perf_counter() - start, 2)
-
-    captions = [
-        {"id": image_id, "file": images[image_id][0], "path": str(images[image_id][1]),
-         "caption": hypotheses[image_id], "references": references[image_id], "scores": per_image[image_id]}
-        for image_id in ids
-    ]
-    # Both complete under temporary names before either replaces an earlier run's file.
-    with atomic_path(out_dir / "metrics.json") as metrics_temp, atomic_path(out_dir / "captions.json") as captions_temp:
-        write_json_atomic(captions_temp, captions)
-        write_json_atomic(metrics_temp, metrics)
-    metrics["out_dir"] = str(out_dir)
-    return metrics

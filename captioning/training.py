@@ -13,9 +13,13 @@ the accuracy average over real words only: a model that predicts <pad> after
 """
 
 import csv
+import errno
+import json
 import os
+import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from captioning import quiet_tensorflow
@@ -25,6 +29,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from captioning.feature_store import FeatureStore, read_rows  # noqa: E402
+from captioning.fileio import write_text_atomic  # noqa: E402
 from captioning.vocab import PAD_ID  # noqa: E402
 
 # What a learner changes first. `cpu-small` trains the Flickr8k sample on a
@@ -222,6 +227,54 @@ def read_history(run_dir):
             for key, values in columns.items() if any(value not in ("NA", "", None) for value in values)}
 
 
+def _close_hdf5(path):
+    """Close every HDF5 handle h5py still holds on `path`. A weights file whose write failed
+    (a full disk) is left open by Keras; h5py would flush it again at exit, print tracebacks
+    and, with the disk still full, crash the process after our one-line message."""
+    import h5py
+    for file_id in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
+        try:
+            if os.fsdecode(file_id.name) == os.fspath(path):
+                h5py.File(file_id).close()
+        except Exception:  # closing what a full disk broke may fail too; the file is deleted next
+            pass
+
+
+def save_atomically(final, save, suffix):
+    """Write `final` by calling save(temporary path), then rename it into place: a write cut
+    short (a full disk, a kill) leaves the earlier complete file, never half of a new one under
+    the final name. Does nothing if `save` wrote nothing (a checkpoint that was not better).
+    An OSError is raised again naming `final`; h5py's own carry the errno only in their text."""
+    final = Path(final)
+    temp = final.with_name(f".{final.name}.{os.getpid()}.partial{suffix}")  # Keras insists on the suffix
+    try:
+        save(temp)
+    except BaseException as error:
+        _close_hdf5(temp)
+        temp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            code = error.errno or next((int(found) for found in re.findall(r"errno = (\d+)", str(error))), None)
+            raise OSError(code or errno.EIO, os.strerror(code) if code else str(error), str(final)) from error
+        raise
+    if temp.exists():
+        os.replace(temp, final)
+
+
+class AtomicCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint writing best.keras under a temporary name, renamed when complete."""
+
+    def _save_model(self, epoch, batch, logs):
+        final = self.filepath
+
+        def save(temp):
+            self.filepath = str(temp)
+            try:
+                super(AtomicCheckpoint, self)._save_model(epoch, batch, logs)
+            finally:
+                self.filepath = final
+        save_atomically(final, save, ".keras")
+
+
 class ResumableBackup(keras.callbacks.BackupAndRestore):
     """Keras's BackupAndRestore, except that a backup it cannot restore (damaged by a kill
     mid-write or a full disk, or made by a model with other settings) never blocks a rerun:
@@ -232,12 +285,29 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
         self.csv_logger, self.checkpoint = csv_logger, checkpoint
 
     def on_train_begin(self, logs=None):
+        # The backup holds the optimizer's state (Adam's moments, its step count) and Keras loads
+        # it into the optimizer, which it builds for that. We build it first, to keep a copy of its
+        # fresh state: a backup that fails half-way through loading is undone for the optimizer
+        # too, not only for the weights.
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            with self.model.distribute_strategy.scope():
+                optimizer.build(self.model.trainable_variables)
         initial = self.model.get_weights()
+        initial_optimizer = [variable.numpy() for variable in optimizer.variables] if optimizer else []
+        self.started, self.earlier_seconds = time.perf_counter(), 0.0
         try:
-            return super().on_train_begin(logs)
+            super().on_train_begin(logs)
+            if Path(self._training_metadata_path).is_file():  # resumed: the time the earlier runs trained
+                metadata = json.loads(Path(self._training_metadata_path).read_text(encoding="utf-8"))
+                self.earlier_seconds = float(metadata.get("seconds", 0.0))
+            return
         except Exception as error:  # h5py, json and Keras raise many kinds for one bad folder
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         self.model.set_weights(initial)
+        for variable, value in zip(optimizer.variables if optimizer else [], initial_optimizer):
+            variable.assign(value)
+        self.earlier_seconds = 0.0
         self.model._initial_epoch = None
         aside = Path(self.backup_dir).with_name("backup.unusable")
         shutil.rmtree(aside, ignore_errors=True)
@@ -245,6 +315,20 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
         self.csv_logger.append, self.checkpoint.best = False, None
         print(f"warning: the training backup in {self.backup_dir} cannot be restored ({reason[:200]}); "
               f"moved to {aside.name}, training from the first epoch", file=sys.stderr)
+
+    def _save_model(self):
+        # Keras writes the backup in place: a full disk at epoch 5 would leave half a file where
+        # epoch 4's backup was. Each file is written whole under a temporary name, then renamed,
+        # the weights first, so the epoch in training_metadata.json always has its weights.
+        Path(self.backup_dir).mkdir(parents=True, exist_ok=True)
+        save_atomically(self._weights_path, lambda temp: self.model.save_weights(temp, overwrite=True), ".weights.h5")
+        write_text_atomic(self._training_metadata_path, json.dumps({
+            "epoch": self._current_epoch, "batch": self._last_batch_seen,
+            "seconds": self.earlier_seconds + time.perf_counter() - self.started}))
+
+    def seconds(self):
+        """Training time so far, the runs this one resumed included."""
+        return self.earlier_seconds + time.perf_counter() - self.started
 
 
 def training_callbacks(run_dir, *, patience=4, monitor="val_loss", tensorboard=False):
@@ -259,8 +343,8 @@ def training_callbacks(run_dir, *, patience=4, monitor="val_loss", tensorboard=F
     run_dir.mkdir(parents=True, exist_ok=True)
     earlier = read_history(run_dir) if (run_dir / "backup").is_dir() else {}
     csv_logger = keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=bool(earlier))
-    checkpoint = keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=monitor, save_best_only=True,
-                                                 initial_value_threshold=min(earlier.get(monitor, []), default=None))
+    checkpoint = AtomicCheckpoint(str(run_dir / "best.keras"), monitor=monitor, save_best_only=True,
+                                  initial_value_threshold=min(earlier.get(monitor, []), default=None))
     callbacks = [
         ResumableBackup(run_dir / "backup", csv_logger, checkpoint),  # first: it decides whether we resume
         checkpoint,
@@ -292,6 +376,9 @@ def fit_captioner(model, train_data, validation_data=None, *, epochs=30, learnin
     # shuffle=False: make_dataset already shuffles, once per epoch, with its seed.
     history = model.fit(train_data, validation_data=validation_data, epochs=epochs, callbacks=callbacks,
                         shuffle=False, verbose=verbose)
+    # The seconds of the whole run, across interruptions (pipeline.py records them in bundle.json).
+    history.seconds = next((callback.seconds() for callback in callbacks if isinstance(callback, ResumableBackup)),
+                           None)
     best = Path(run_dir) / "best.keras" if run_dir is not None else None
     if best is not None and best.is_file() and len(history.epoch) < len(read_history(run_dir).get(monitor, [])):
         # Resumed: early stopping only saw the epochs since; the checkpoint saw them all.

@@ -45,7 +45,8 @@ def karpathy_file(coco_val_dir, path):
 def test_karpathy_split_prepare_train_evaluate(coco_val_dir, mobilenet_weights, tmp_path, capsys):
     from captioning.data import load_prepared
     from captioning.fileio import work_paths
-    from captioning.pipeline import evaluate_bundle, train_pipeline
+    from captioning.evaluate import evaluate_bundle
+    from captioning.pipeline import train_pipeline
 
     split_file = tmp_path / "dataset_coco.json"
     expected = karpathy_file(coco_val_dir, split_file)

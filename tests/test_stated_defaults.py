@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from captioning import bundle, cli, decoding, pipeline
+from captioning import bundle, cli, decoding, evaluate
 from captioning.training import PRESETS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def test_every_beam_width_default_is_one_number():
     commands = parser._subparsers._group_actions[0].choices
     widths = {f"`{command} --beam`": commands[command].get_default("beam") for command in ("caption", "evaluate", "export")}
     widths["Captioner.caption_features"] = inspect.signature(bundle.Captioner.caption_features).parameters["beam_width"].default
-    widths["evaluate_bundle"] = inspect.signature(pipeline.evaluate_bundle).parameters["beam_width"].default
+    widths["evaluate_bundle"] = inspect.signature(evaluate.evaluate_bundle).parameters["beam_width"].default
     for path in NOTEBOOKS:
         for cell in json.loads(path.read_text(encoding="utf-8"))["cells"]:
             if "parameters" in cell.get("metadata", {}).get("tags", []):
