@@ -244,7 +244,7 @@ def _teacher_forcing(model, train_data, val_data, settings, run_dir, log, starte
                             learning_rate=settings["learning_rate"], label_smoothing=settings["label_smoothing"],
                             patience=settings["patience"], run_dir=run_dir)
     done = {"seconds": history.seconds if history.seconds is not None else time.perf_counter() - started,
-            "steps": int(model.optimizer.iterations)}
+            "steps": int(model.optimizer.iterations.numpy())}  # a MirroredVariable under a strategy
     write_json_atomic(record, done)
     save_atomically(finished, model.save_weights, ".weights.h5")  # a full disk leaves no half file
     return done
