@@ -57,13 +57,12 @@ def _answers(host, port):
 
 def _listen(port):
     """Our own port, open for the peers' checks; ClusterError if something else holds it."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # On IPv6 too where the machine has it: a peer may resolve our name to an IPv6 address.
+    dual = socket.has_dualstack_ipv6()
     try:
-        listener.bind(("", port))
-        listener.listen(64)
+        listener = socket.create_server(("", port), family=socket.AF_INET6 if dual else socket.AF_INET,
+                                        backlog=64, dualstack_ipv6=dual)
     except OSError as error:
-        listener.close()
         raise ClusterError(f"cannot listen on this worker's port {port} ({error.strerror or error}): another "
                            "program uses it; free it or choose another port in TF_CONFIG") from None
     return listener
@@ -79,7 +78,9 @@ def wait_for_peers(tf_config, timeout=DEFAULT_TIMEOUT, log=None, poll=0.5):
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     config = json.loads(tf_config)
     task = config["task"]
-    addresses = [(role, index, address) for role, hosts in config["cluster"].items()
+    if task["type"] == "evaluator":
+        return  # an evaluator is not part of the training cluster: it neither waits nor is waited for
+    addresses = [(role, index, address) for role, hosts in config["cluster"].items() if role != "evaluator"
                  for index, address in enumerate(hosts)]
     own = next(address for role, index, address in addresses if (role, index) == (task["type"], task["index"]))
     peers = [address for role, index, address in addresses if (role, index) != (task["type"], task["index"])]

@@ -196,3 +196,13 @@ def test_the_port_of_this_worker_taken_by_another_program_is_named(tmp_path):
         worker = lone_worker(tmp_path, [f"127.0.0.1:{own}", f"127.0.0.1:{peer}"], "--peer-timeout", 3)
         _, stderr = worker.communicate(timeout=60)
     assert worker.returncode == 1 and f"port {own}" in stderr and "Traceback" not in stderr, stderr[-2000:]
+
+
+def test_an_evaluator_task_neither_waits_nor_is_waited_for(capsys):
+    from captioning.cluster import wait_for_peers
+    own, evaluator = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{own}"], "evaluator": [f"127.0.0.1:{evaluator}"]}  # nobody listens there
+    started = time.monotonic()
+    wait_for_peers(json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}), timeout=30)
+    wait_for_peers(json.dumps({"cluster": cluster, "task": {"type": "evaluator", "index": 0}}), timeout=30)
+    assert time.monotonic() - started < 10 and "waiting for workers" not in capsys.readouterr().err
