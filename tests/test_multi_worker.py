@@ -153,7 +153,10 @@ def lone_worker(tmp_path, cluster, *more):
                              str(tmp_path), "--encoder", "mobilenet_v2", "--weights", "none", "--out",
                              str(tmp_path / "out"), "--distribute", "multi-worker", *map(str, more)], cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO), TF_CONFIG=config),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # As in a terminal: a shell's background job (`make test &`) ignores Ctrl-C, and
+                            # its children inherit that; the Ctrl-C test below would then wait 2 minutes.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_a_peer_that_never_starts_is_named_and_given_up_on_after_the_timeout(tmp_path):
