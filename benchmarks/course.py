@@ -37,12 +37,13 @@ so that a run stopped half-way keeps what it measured), with the machine they we
     .venv/bin/python benchmarks/course.py --tables
 
 DATA_DIR defaults to the 875-photo Flickr8k sample beside the repository (../shared/data/flickr8k-sample),
-the weights to the MobileNetV2 file beside it. The first form takes most of an hour or more on two
-cores: run it on an otherwise idle machine. `--tables` runs nothing: it rewrites the time tables of
-README.md and docs/teaching.md (between their `<!-- course-times:begin -->` and `<!-- course-times:end -->`
-comments) from the JSON; tests/test_course_times.py checks that the committed tables are what it renders.
-`--params "epochs=1 experiment_epochs=1"` and `--notebooks 01,02,03` exist to try the script quickly
-(with `--out` elsewhere): such a run is marked as not the defaults, and `--tables` refuses it.
+the weights to the MobileNetV2 file beside it. The first form takes about 25 minutes on two cores
+(benchmarks/README.md has the last run): run it on an otherwise idle machine. `--tables` runs nothing:
+it rewrites the time tables of README.md and docs/teaching.md (between their `<!-- course-times:begin -->`
+and `<!-- course-times:end -->` comments) from the JSON; tests/test_course_times.py checks that the
+committed tables are what it renders. `--params "epochs=1 experiment_epochs=1"` and `--notebooks 01,02,03`
+exist to try the script quickly (with `--out` elsewhere): such a run is marked as not the defaults, and
+`--tables` refuses it.
 
 Goals (issue 27, 2-core CPU): the whole course on the 875-photo sample <= 20 min; the tweak loop <= 3 min.
 """
@@ -211,7 +212,9 @@ def where_the_time_went(work_dir, runs_dir):
             "teacher_forcing_seconds": metrics.get("training_seconds"),
             "teacher_forcing_steps": metrics.get("steps"),
             "teacher_forcing_epochs": metrics.get("epochs_run"),
-            "fine_tuning_epochs": len(metrics.get("self_critical", [])),
+            # self_critical's rows are its epochs, then a summary row ("mean of 6-10"), not an epoch
+            "fine_tuning_epochs": sum(isinstance(row.get("epoch"), int)
+                                      for row in metrics.get("self_critical", [])),
         }
     for path in sorted(Path(work_dir).rglob("metrics.json")):
         metrics = json.loads(path.read_text(encoding="utf-8"))
@@ -241,7 +244,8 @@ def photo_counts(data_dir):
         listing = text / f"Flickr_8k.{split}Images.txt"
         names = listing.read_text(encoding="utf-8").split() if listing.is_file() else []
         counts[split] = len(set(names) & on_disk)
-    counts["total"] = sum(counts.values())
+    counts["total"] = sum(counts.values())  # the photos the course uses: a photo in no split is left out
+    counts["on_disk"] = len(on_disk)
     return counts
 
 
@@ -280,6 +284,7 @@ def write_json(path, results):
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; the results are for everyone
         with os.fdopen(descriptor, "w", encoding="utf-8") as file:
             file.write(json.dumps(results, indent=2) + "\n")
         os.replace(temporary, path)
@@ -346,16 +351,24 @@ def duration(seconds):
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
+def _photos(results):
+    """The photos the course ran on, in words: "866 photos of the Flickr8k sample (753 training, 113 dev, ...)"."""
+    photos = results["photos"]
+    splits = ", ".join(f"{photos[split]} {word}" for split, word in
+                       (("train", "training"), ("dev", "dev"), ("test", "test")) if photos.get(split))
+    listed = (f", those its official splits list of the {photos['on_disk']} in its folder"
+              if photos.get("on_disk") not in (None, photos["total"]) else "")
+    return f"{photos['total']} photos of the Flickr8k sample ({splits}, five captions each{listed})"
+
+
 def _measured_line(results):
     machine_ = results["machine"]
-    photos = results["photos"]
-    return (f"Measured by `benchmarks/course.py` ({results['date'][:10]}): the README's offline `make demo` "
-            f"with the notebooks' defaults, one notebook at a time in a fresh work folder, on the "
-            f"{photos['total']}-photo Flickr8k sample ({photos['train']} training, {photos['dev']} dev, "
-            f"{photos['test']} test photos, five captions each), MobileNetV2 with a local weights file; "
-            f"{machine_['cores']} CPU cores ({machine_['cpu_model']}), {machine_['ram_gb']:.0f} GB RAM, no GPU, "
-            f"load average {machine_['load_average_at_start'][0]:.1f} at the start. CPU time counts every "
-            f"process of the run (the notebook's kernel and its threads); above the wall time, it used more than one core.")
+    return (f"Measured by `benchmarks/course.py` on {results['date'][:10]}: the README's offline `make demo` with "
+            f"the notebooks' defaults, one notebook per `make` call in a fresh work folder, on {_photos(results)}, "
+            f"MobileNetV2 with a local weights file; {machine_['cores']} CPU cores ({machine_['cpu_model']}), "
+            f"{machine_['ram_gb']:.0f} GB RAM, no GPU, load average {machine_['load_average_at_start'][0]:.1f} at "
+            f"the start. CPU time counts every process of the run (the notebook's kernel with all its threads): "
+            f"where it exceeds the wall time, the notebook kept more than one core busy.")
 
 
 def _tweak_line(results):
@@ -375,6 +388,42 @@ def _total_row(results, cells):
     return cells(f"**{duration(total['wall_seconds'])}**{note}", duration(total["cpu_seconds"]))
 
 
+def _in_this_run(results, notebook):
+    """What the run's own files say about `notebook`'s time, in words ("" when they say nothing)."""
+    went = results.get("where_the_time_went") or {}
+    printed, bundles, evaluations = (went.get(key, {}) for key in ("printed", "bundles", "evaluations"))
+
+    def bundle(folder, arch):
+        return next((value for key, value in bundles.items()
+                     if key.startswith(folder + "/") and key.endswith("-" + arch)), None)
+
+    def teacher_forcing(record):
+        return (f"teacher forcing {duration(record['teacher_forcing_seconds'])} over "
+                f"{record['teacher_forcing_epochs']} epochs, {record['teacher_forcing_steps']:,} steps")
+
+    parts = []
+    if notebook == "02_feature_caching" and "encoding_seconds" in printed:
+        parts.append(f"encoding {duration(printed['encoding_seconds'])} at "
+                     f"{printed['encoding_images_per_second']:.1f} photos/s")
+    if notebook == "03_training" and bundle("bundles", "merge"):
+        parts.append(teacher_forcing(bundle("bundles", "merge")))
+    if notebook == "05_evaluation":
+        trained = [value for key, value in bundles.items() if key.startswith("experiment/")]
+        if trained:
+            parts.append(f"teacher forcing of the {len(trained)} models "
+                         f"{duration(sum(value['teacher_forcing_seconds'] for value in trained))}")
+        scored = [value["seconds"] for key, value in evaluations.items()
+                  if key.startswith("experiment/") or (key.startswith("evaluations/") and "-merge-" in key)]
+        if scored:
+            parts.append(f"{len(scored)} evaluations, captioning and scoring, {duration(sum(scored))} in all")
+    if notebook == "06_attention":
+        if "grid_features_and_training_seconds" in printed:
+            parts.append(f"grid cache and training {duration(printed['grid_features_and_training_seconds'])}")
+        if bundle("bundles", "attention"):
+            parts.append("of it " + teacher_forcing(bundle("bundles", "attention")))
+    return f" (this run: {'; '.join(parts)})" if parts else ""
+
+
 def render_tables(results):
     """{document: the text between its markers}, for README.md and docs/teaching.md."""
     if not results.get("defaults", False):
@@ -392,7 +441,8 @@ def render_tables(results):
     for notebook in NOTEBOOKS:
         wall, cpu = time_cells(notebook)
         readme.append(f"| {README_LABELS[notebook]} | {wall} | {cpu} |")
-        teaching.append(f"| `{notebook}` | {wall} | {cpu} | {WHERE_THE_TIME_GOES[notebook]} |")
+        teaching.append(f"| `{notebook}` | {wall} | {cpu} | {WHERE_THE_TIME_GOES[notebook]}"
+                        f"{_in_this_run(results, notebook)} |")
     readme.append(_total_row(results, lambda wall, cpu: f"| total | {wall} | {cpu} |"))
     teaching.append(_total_row(results, lambda wall, cpu: f"| total | {wall} | {cpu} | |"))
     measured, tweak = _measured_line(results), _tweak_line(results)
@@ -404,7 +454,7 @@ def render_tables(results):
 
 def replace_between_markers(text, block, name):
     """`text` with what lies between its BEGIN and END comments replaced by `block`."""
-    pattern = re.compile(re.escape(BEGIN) + r"\n.*?\n" + re.escape(END), flags=re.S)
+    pattern = re.compile(re.escape(BEGIN) + r"\n(?:.*?\n)?" + re.escape(END), flags=re.S)
     if len(pattern.findall(text)) != 1:
         raise ValueError(f"{name} needs exactly one {BEGIN} ... {END} pair around its time table")
     return pattern.sub(lambda _: f"{BEGIN}\n{block}\n{END}", text)
@@ -412,10 +462,10 @@ def replace_between_markers(text, block, name):
 
 def between_markers(text, name):
     """What lies between `text`'s markers (tests/test_course_times.py compares it with render_tables)."""
-    match = re.search(re.escape(BEGIN) + r"\n(.*?)\n" + re.escape(END), text, flags=re.S)
+    match = re.search(re.escape(BEGIN) + r"\n(?:(.*?)\n)?" + re.escape(END), text, flags=re.S)
     if match is None:
         raise ValueError(f"{name} has no {BEGIN} ... {END} pair around its time table")
-    return match.group(1)
+    return match.group(1) or ""
 
 
 def write_tables(results_path):
@@ -426,6 +476,7 @@ def write_tables(results_path):
         updated = replace_between_markers(text, block, name)
         if updated != text:
             descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            os.chmod(temporary, path.stat().st_mode & 0o777)
             with os.fdopen(descriptor, "w", encoding="utf-8") as file:
                 file.write(updated)
             os.replace(temporary, path)
