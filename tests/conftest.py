@@ -17,8 +17,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 # The notebooks' defaults are what a learner should run (the preset's 30 epochs and 10 of
-# fine-tuning: most of an hour on 2 cores). The suite runs the same commands with the budgets
-# capped through the documented PARAMS setting, so that CI stays within minutes.
+# fine-tuning: the README's time table, from benchmarks/course.py, says how long). The suite
+# runs the same commands with the budgets capped through the documented PARAMS setting, so
+# that CI stays within minutes.
 CI_EPOCHS = 2  # also the epochs of flickr8k_bundle, which notebook 03's bundle is compared with
 CI_PARAMS = f"epochs={CI_EPOCHS} experiment_epochs=1"
 
