@@ -65,6 +65,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from captioning.fileio import write_json_atomic, write_text_atomic  # noqa: E402
+
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "flickr8k-sample"
 DEFAULT_WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_1.0_224_imagenet_no_top.weights.h5"
 DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "course-flickr8k.json"
@@ -278,21 +282,6 @@ def machine():
     }
 
 
-def write_json(path, results):
-    """Write atomically: a temporary file beside `path`, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; the results are for everyone
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(json.dumps(results, indent=2) + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def measure(data_dir, weights, out, tweak, params, only):
     weights = Path(weights)
     if not weights.is_file():
@@ -323,11 +312,11 @@ def measure(data_dir, weights, out, tweak, params, only):
         times = results["notebooks"][notebook]
         print(f"{notebook}: {times['wall_seconds']:.0f} s wall, {times['cpu_seconds']:.0f} s CPU "
               f"({times['cpu_seconds_seen_in_proc']:.0f} s seen in /proc)", flush=True)
-        write_json(out, results)  # a run stopped later keeps what it measured
+        write_json_atomic(out, results)  # a run stopped later keeps what it measured
     results["total"] = {key: round(sum(times[key] for times in results["notebooks"].values()), 1)
                         for key in ("wall_seconds", "cpu_seconds")}
     results["where_the_time_went"] = where_the_time_went(work_dir, runs_dir)
-    write_json(out, results)
+    write_json_atomic(out, results)
     if "03_training" in chosen and tweak:
         tweak_params = " ".join(part for part in (params, tweak) if part)
         command = make_command(data_dir, weights, work_dir, runs_dir, "03_training", tweak_params)
@@ -338,7 +327,7 @@ def measure(data_dir, weights, out, tweak, params, only):
         print(f"tweak loop (03 with {tweak}): {results['tweak_loop']['wall_seconds']:.0f} s wall, "
               f"{results['tweak_loop']['cpu_seconds']:.0f} s CPU", flush=True)
     results["complete"] = True
-    write_json(out, results)
+    write_json_atomic(out, results)
     print(f"total: {results['total']['wall_seconds'] / 60:.1f} min wall, "
           f"{results['total']['cpu_seconds'] / 60:.1f} min CPU -> {out} (logs and runs in {root})")
     return results
@@ -376,7 +365,8 @@ def _tweak_line(results):
     if not tweak:
         return "The tweak loop (notebook 03 again after one changed parameter) was not measured."
     return (f"The tweak loop, notebook 03 run again after a learner changes one parameter "
-            f"(`make demo ... NOTEBOOKS=03 PARAMS=\"{tweak['params']}\"`: same recipe, another seed): "
+            f"(`make demo ... NOTEBOOKS=03 PARAMS=\"{tweak['params']}\"`"
+            f"{': same recipe, another seed' if tweak['params'].startswith('seed=') else ''}): "
             f"**{duration(tweak['wall_seconds'])}** ({duration(tweak['cpu_seconds'])} CPU).")
 
 
@@ -475,11 +465,7 @@ def write_tables(results_path):
         text = path.read_text(encoding="utf-8")
         updated = replace_between_markers(text, block, name)
         if updated != text:
-            descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-            os.chmod(temporary, path.stat().st_mode & 0o777)
-            with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-                file.write(updated)
-            os.replace(temporary, path)
+            write_text_atomic(path, updated)
         print(f"{name}: {'rewritten' if updated != text else 'already up to date'}")
 
 
