@@ -303,6 +303,7 @@ def work_paths(work_dir, dataset, encoder=None, pooling="avg", arch=None):
     paths = {"prepared": work_dir / "prepared" / dataset}
     if encoder is not None:
         paths["features"] = work_dir / "features" / f"{dataset}-{encoder}-{pooling}"
+        paths["teacher_forced"] = work_dir / "teacher-forced"  # runs.teacher_forced_folder names each model
     if arch is not None:  # a bundle is named by what it is: its data, its encoder and its architecture
         paths["bundle"] = work_dir / "bundles" / "-".join(part for part in (dataset, encoder, arch) if part)
     return paths

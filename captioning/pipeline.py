@@ -11,8 +11,6 @@ a second architecture or a second seed costs the training only, and evaluating
 costs the captioning only.
 """
 
-import hashlib
-import json
 import shutil
 import sys
 import time
@@ -30,6 +28,7 @@ from captioning.evaluation import same_caption_warning  # noqa: E402
 from captioning.features import FeatureStore, cache_features  # noqa: E402
 from captioning.fileio import (folder_lock, left_out_rows, read_json, replace_folder, restore_folder, work_paths,  # noqa: E402
                                writable_folder, write_json_atomic)
+from captioning.runs import keep_teacher_forced, run_identity, take_teacher_forced, teacher_forced_folder  # noqa: E402
 from captioning.training import (MODEL_KEYS, fit_captioner, make_dataset, preset_settings,  # noqa: E402
                                  read_history, save_atomically)
 
@@ -129,17 +128,6 @@ def bundle_settings(arch, dataset, store, settings, metrics, **extra):
             **extra}
 
 
-def run_identity(arch, dataset, settings, seed, store, vocab):
-    """What makes one training run's model what it is: bundle.json "run". A run with the same
-    identity trains the same model, so train_pipeline(reuse=True) returns its bundle as it is, and
-    an interrupted run resumes only into the same one. Notebook 03 records it as `train` does."""
-    sources = read_json(Path(store.out_dir) / store.manifest["sources_file"], "feature cache sources", kind=dict)
-    photos = sorted((image_id, entry.get("sha256")) for image_id, entry in sources.items())  # content, not paths
-    return {"arch": arch, "dataset": dataset, "settings": settings, "seed": seed,
-            "encoder": store.manifest["weights_id"], "vocabulary": vocab.fingerprint,
-            "features": hashlib.sha256(json.dumps(photos).encode()).hexdigest()}
-
-
 def distinct_captions(model, vocab, val_arrays, settings, log):
     """Caption the validation photos once and say how many different captions that gave: a
     model that says the same thing about every photo is caught here, not by a user later
@@ -229,17 +217,22 @@ def _same_run_or_start_over(run_dir, run, log):
     write_json_atomic(marker, run)
 
 
-def _teacher_forcing(model, train_data, val_data, settings, run_dir, log, started):
-    """Fit by teacher forcing, or take the weights an earlier, interrupted run finished with.
-    Returns {"seconds", "steps"} of the whole teacher forcing, the runs it resumed included (a
-    run resumed after teacher forcing used to report the time it took to load the weights)."""
+def _teacher_forcing(model, train_data, val_data, settings, run_dir, log, started, kept=None, take_kept=False):
+    """Fit by teacher forcing, or take the weights an earlier, interrupted run finished with, or
+    (take_kept) the model an earlier run with the same teacher forcing kept in `kept`.
+    Returns {"seconds", "steps", "history"} of the whole teacher forcing, the runs it resumed
+    included (a run resumed after teacher forcing used to report the time it took to load the weights)."""
     finished, record = run_dir / "teacher_forced.weights.h5", run_dir / "teacher_forced.json"
     if finished.is_file():
         log(f"teacher forcing finished in an earlier run ({finished}): going on from its weights")
         model.load_weights(finished)
-        if record.is_file():
-            return read_json(record, "teacher forcing's record", kind=dict)
-        return {"seconds": time.perf_counter() - started}  # a run of an older version kept no record
+        done = read_json(record, "teacher forcing's record", kind=dict) if record.is_file() else {
+            "seconds": time.perf_counter() - started}  # a run of an older version kept no record
+        return dict(done, history=read_history(run_dir))
+    done = take_teacher_forced(kept, model) if kept is not None and take_kept else None
+    if done is not None:
+        log(f"teacher forcing: taking the model kept in {kept} (trained before with the same settings and data)")
+        return done
     history = fit_captioner(model, train_data, val_data, epochs=settings["epochs"],
                             learning_rate=settings["learning_rate"], label_smoothing=settings["label_smoothing"],
                             patience=settings["patience"], run_dir=run_dir)
@@ -247,6 +240,9 @@ def _teacher_forcing(model, train_data, val_data, settings, run_dir, log, starte
             "steps": int(model.optimizer.iterations.numpy())}  # a MirroredVariable under a strategy
     write_json_atomic(record, done)
     save_atomically(finished, model.save_weights, ".weights.h5")  # a full disk leaves no half file
+    done["history"] = read_history(run_dir)
+    if kept is not None:
+        keep_teacher_forced(kept, model, done)
     return done
 
 
@@ -328,8 +324,11 @@ def _train_pipeline(dataset, data_dir, worker, *, encoder, weights, arch, out_di
     run_dir = staging / "training"
     _same_run_or_start_over(run_dir, run, log)
     started = time.perf_counter()
-    done = _teacher_forcing(model, train_data, val_data, settings, run_dir, log, started)
-    metrics = history_metrics(read_history(run_dir), done["seconds"])
+    # One process keeps its teacher-forced model for other runs (a cluster's model is its workers' together)
+    alone = worker is None and (strategy is None or strategy.num_replicas_in_sync == 1)
+    kept = teacher_forced_folder(paths["teacher_forced"], run) if alone else None
+    done = _teacher_forcing(model, train_data, val_data, settings, run_dir, log, started, kept, take_kept=reuse)
+    metrics = history_metrics(done["history"], done["seconds"])
     if "steps" in done:
         metrics["steps"] = done["steps"]  # optimizer updates: a resumed run continues the count
     if settings["self_critical_epochs"]:

@@ -126,6 +126,7 @@ def test_make_demo_with_its_defaults_downloads_trains_captions_and_resumes(coco_
     result = ok(shell(demo, REPO, environment, timeout=3600))
     executed = assert_taught(runs)
     assert re.search(r"wall time: 01 \d+ s, .*06 \d+ s; total \d+ s", result.stdout), result.stdout[-2000:]
+    assert_05_took_03s_merge_model(executed[4], work_dir)
 
     # What came down: each photo of the seeded subset that the mirror has, once; the rest 404.
     subset = {split: {image["file_name"] for image in download.choose_subset(
@@ -194,6 +195,16 @@ def test_offline_block_runs_the_six_notebooks_on_flickr8k(offline_demo):
     assert "total" in result.stdout
     assert "Kernel is running over TCP" not in result.stdout + result.stderr  # local sockets: no network noise
     assert "650 captions of 130 images" in notebook_text(executed[1])
+    assert_05_took_03s_merge_model(executed[4], offline_demo.work_dir)
+
+
+def assert_05_took_03s_merge_model(notebook_05, work_dir):
+    """Run with notebook 03's settings (epochs = experiment_epochs), notebook 05 trains no merge model: it takes
+    the teacher-forced one notebook 03 kept (tests/test_runs.py proves that writes the bundle training would)."""
+    [kept] = (Path(work_dir) / "teacher-forced").glob("*-merge-*")
+    text = notebook_text(notebook_05)
+    assert f"merge: teacher forcing: taking the model kept in {kept}" in text, text[-3000:]
+    assert not any(f"{variant}: teacher forcing: taking" in text for variant in ("init-inject", "pre-inject", "par-inject"))
 
 
 def test_notebook_03_saves_the_bundle_train_saves(offline_demo, flickr8k_bundle):

@@ -1,0 +1,104 @@
+"""The teacher-forced model a run keeps in the work folder (captioning/runs.py), and the runs that take it.
+
+Taking a kept model must change nothing but the time: a run that takes it writes the bundle, bit for
+bit, that the same run would have written training from scratch. Each run is its own process, as a
+user's `train` or notebook is, on the tiny generated Flickr8k folder of test_faults.py and
+MobileNetV2 with fixed random weights.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from captioning.runs import take_teacher_forced
+from conftest import REPO
+from test_faults import tiny_flickr8k
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return tiny_flickr8k(root / "flickr8k"), root / "work"
+
+
+def train(data_dir, work, out, **options):
+    """train_pipeline in a process of its own (the command line has no `reuse`); what it logged."""
+    code = ("import json, sys\nfrom captioning.pipeline import train_pipeline\n"
+            "train_pipeline('flickr8k', sys.argv[1], encoder='mobilenet_v2', weights='none', arch='merge',"
+            " out_dir=sys.argv[2],"
+            " cache_dir=sys.argv[3], epochs=2, log=lambda line: print(line, flush=True), **json.loads(sys.argv[4]))\n")
+    result = subprocess.run([sys.executable, "-c", code, str(data_dir), str(out), str(work), json.dumps(options)],
+                            capture_output=True, text=True, timeout=900, cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def bundle(folder):
+    """(bundle.json without the training time and the model file's hash, the model's weights)."""
+    from captioning.bundle import Captioner
+    settings = json.loads((folder / "bundle.json").read_text())
+    settings.pop("model_sha256", None)  # a .keras file records when it was saved
+    settings["metrics"].pop("training_seconds")
+    return settings, Captioner.load(folder).model.get_weights()
+
+
+def assert_same_bundle(first, second):
+    (settings, weights), (other_settings, other_weights) = bundle(first), bundle(second)
+    assert settings == other_settings
+    assert all(np.array_equal(a, b) for a, b in zip(weights, other_weights, strict=True))  # bit-identical
+
+
+def test_a_run_without_fine_tuning_takes_the_model_a_fine_tuned_run_kept_and_writes_the_same_bundle(tiny_data,
+                                                                                                      tmp_path):
+    # Notebook 05's merge model is notebook 03's before fine-tuning: the same run with self_critical_epochs=0.
+    data_dir, work = tiny_data
+    fine_tuned = train(data_dir, work, tmp_path / "fine-tuned", self_critical_epochs=1)
+    assert "teacher forcing: taking" not in fine_tuned and "epoch 2/2" in fine_tuned.lower()
+    [kept] = (work / "teacher-forced").iterdir()
+    assert kept.name.startswith("flickr8k-merge-") and (kept / "record.json").is_file()
+
+    taking = train(data_dir, work, tmp_path / "taken", self_critical_epochs=0, reuse=True)
+    assert f"teacher forcing: taking the model kept in {kept}" in taking and "epoch 1/2" not in taking.lower()
+    recorded = json.loads((kept / "record.json").read_text())  # the time and steps the taken model cost
+    taken = json.loads((tmp_path / "taken" / "bundle.json").read_text())["metrics"]
+    assert taken["training_seconds"] == round(recorded["seconds"], 1) and taken["steps"] == recorded["steps"]
+    training = train(data_dir, work, tmp_path / "trained", self_critical_epochs=0)  # reuse=False: trains
+    assert "teacher forcing: taking" not in training and "epoch 2/2" in training.lower()
+    assert_same_bundle(tmp_path / "taken", tmp_path / "trained")
+    # Fine-tuning moved the weights the fine-tuned bundle holds away from the kept ones.
+    _, fine_tuned_weights = bundle(tmp_path / "fine-tuned")
+    _, taken_weights = bundle(tmp_path / "taken")
+    assert not all(np.array_equal(a, b) for a, b in zip(fine_tuned_weights, taken_weights))
+
+
+def test_a_run_that_changes_only_the_fine_tuning_starts_from_the_kept_model_and_draws_the_same(tiny_data, tmp_path):
+    # Fine-tuning draws dropout masks from random streams that a weights file leaves out: the kept
+    # model carries their state, or the run that takes it would fine-tune another model.
+    data_dir, work = tiny_data
+    train(data_dir, work, tmp_path / "first", self_critical_epochs=1)
+    changed = dict(self_critical_epochs=1, self_critical_learning_rate=2e-4)
+    taking = train(data_dir, work, tmp_path / "taken", reuse=True, **changed)
+    assert "teacher forcing: taking the model" in taking and "self-critical epoch 1" in taking
+    train(data_dir, work, tmp_path / "trained", **changed)
+    assert_same_bundle(tmp_path / "taken", tmp_path / "trained")
+
+
+def test_a_kept_model_without_its_record_or_from_another_model_is_not_taken(tiny_data, tmp_path):
+    from captioning.architectures import build_captioner
+    from captioning.runs import keep_teacher_forced
+    model = build_captioner("merge", vocab_size=12, feature_shape=(8,), max_length=5, embed_dim=4, units=4,
+                            rnn="lstm", dropout=0.5, word_dropout=0.35)
+    keep_teacher_forced(tmp_path / "kept", model, {"seconds": 1.0, "steps": 3, "history": {"loss": [1.0]}})
+    assert take_teacher_forced(tmp_path / "kept", model)["steps"] == 3
+    no_word_dropout = build_captioner("merge", vocab_size=12, feature_shape=(8,), max_length=5, embed_dim=4, units=4,
+                                      rnn="lstm", dropout=0.5, word_dropout=0.0)
+    assert take_teacher_forced(tmp_path / "kept", no_word_dropout) is None  # its random streams are not these
+    (tmp_path / "kept" / "record.json").unlink()  # a run cut while keeping: weights, no record
+    assert take_teacher_forced(tmp_path / "kept", model) is None
