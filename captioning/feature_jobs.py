@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,7 +136,9 @@ def _same_work(a, b):
 
 @contextlib.contextmanager
 def lock(out_dir):
-    """Two processes writing one cache would interleave chunks; refuse the second."""
+    """Two processes writing one cache would interleave chunks, so the second waits for the first.
+    Then it finds the work done and only checks it. The workers of a cluster that share one work
+    folder all get there at the same moment, and refusing the second failed the whole cluster."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks, trust the user
@@ -145,7 +148,8 @@ def lock(out_dir):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"another process is caching features into {out_dir}") from None
+            print(f"another process is caching features into {out_dir}: waiting for it", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
 

@@ -51,12 +51,12 @@ def teacher_forced_folder(folder, run):
     return Path(folder) / f"{run['dataset']}-{run['arch']}-{digest}"
 
 
-def _random_state(model):
-    """The state of the model's dropout random streams, which its weights file leaves out:
-    fine-tuning goes on drawing from them, so a run that takes a kept teacher-forced model
-    must draw what the run that trained it would have drawn next."""
-    return {variable.path: variable.numpy().tolist() for variable in model.variables
-            if variable.path.endswith("seed_generator_state")}
+def _random_streams(model):
+    """The state variables of the model's dropout random streams, in the model's order. A weights
+    file leaves them out, and fine-tuning goes on drawing from them: a run that takes a kept
+    teacher-forced model must draw what the run that trained it would have drawn next. They go by
+    their place in the model, not their names, which count every stream the process made before."""
+    return [variable for variable in model.variables if variable.path.endswith("seed_generator_state")]
 
 
 def keep_teacher_forced(folder, model, record):
@@ -66,7 +66,8 @@ def keep_teacher_forced(folder, model, record):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_atomically(folder / "model.weights.h5", model.save_weights, ".weights.h5")
-    write_json_atomic(folder / "record.json", dict(record, random_state=_random_state(model)))
+    random_state = [variable.numpy().tolist() for variable in _random_streams(model)]
+    write_json_atomic(folder / "record.json", dict(record, random_state=random_state))
 
 
 def take_teacher_forced(folder, model):
@@ -75,13 +76,10 @@ def take_teacher_forced(folder, model):
     if not ((folder / "record.json").is_file() and (folder / "model.weights.h5").is_file()):
         return None
     record = read_json(folder / "record.json", "kept teacher-forced model's record", kind=dict)
-    random_state = record.pop("random_state", None)
-    states = {variable.path: variable for variable in model.variables if variable.path in (random_state or {})}
-    if random_state is None or len(states) != len(random_state) or len(states) != len(_random_state(model)):
+    random_state, streams = record.pop("random_state", None), _random_streams(model)
+    if not isinstance(random_state, list) or len(random_state) != len(streams):
         return None  # kept by another version of Keras or of the model: train it again, to draw the same
     model.load_weights(folder / "model.weights.h5")
-    for path, value in random_state.items():
-        states[path].assign(np.asarray(value, dtype=states[path].dtype))
+    for variable, value in zip(streams, random_state):
+        variable.assign(np.asarray(value, dtype=variable.dtype))
     return record
-
-

@@ -108,6 +108,30 @@ def test_a_replaced_photo_is_encoded_again_and_only_it(tiny, tmp_path, capsys, m
     assert folder_bytes(cache) == unchanged
 
 
+def test_a_second_process_waits_for_the_one_caching_then_only_checks_its_work(tiny, tmp_path, capsys):
+    # The workers of a cluster share one work folder and reach the feature cache at the same moment:
+    # the second used to be refused ("another process is caching"), which failed the whole cluster.
+    photos = write_photos(tmp_path / "photos", 6)
+    out = tmp_path / "cache"
+    cache_features(photos, out, encoder=tiny, batch_size=4, progress=False)
+    before = folder_bytes(out)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom pathlib import Path\nfrom captioning import feature_jobs\n"
+                               f"with feature_jobs.lock(Path({str(out)!r})):\n    print('held', flush=True)\n"
+                               "    sys.stdin.readline()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        released = threading.Timer(3.0, lambda: (holder.stdin.write("\n"), holder.stdin.flush()))
+        released.start()
+        report = cache_features(photos, out, encoder=tiny, batch_size=4, progress=False)  # waits for the holder
+        assert holder.wait(timeout=60) == 0  # it was let go before this call could go on
+    finally:
+        holder.kill()
+    assert "another process is caching features into" in capsys.readouterr().err
+    assert report.computed == 0 and folder_bytes(out) == before  # the work was done: only checked
+
+
 def test_photos_no_longer_asked_for_are_dropped_and_deleted_ones_reported(tiny, tmp_path, capsys):
     photos = write_photos(tmp_path / "images", 10)
     cache = tmp_path / "cache"

@@ -90,15 +90,41 @@ def test_a_run_that_changes_only_the_fine_tuning_starts_from_the_kept_model_and_
     assert_same_bundle(tmp_path / "taken", tmp_path / "trained")
 
 
-def test_a_kept_model_without_its_record_or_from_another_model_is_not_taken(tiny_data, tmp_path):
+def build(word_dropout=0.35):
     from captioning.architectures import build_captioner
+    return build_captioner("merge", vocab_size=12, feature_shape=(8,), max_length=5, embed_dim=4, units=4,
+                           rnn="lstm", dropout=0.5, word_dropout=word_dropout)
+
+
+def streams(model):
+    return [variable.numpy() for variable in model.variables if variable.path.endswith("seed_generator_state")]
+
+
+def test_a_kept_model_is_taken_by_a_model_built_later_in_another_order(tmp_path):
+    # Notebook 03's kernel builds several models before the one it trains, so the names of its random
+    # streams (seed_generator_7/...) are not those of `train`'s process (seed_generator/...).
     from captioning.runs import keep_teacher_forced
-    model = build_captioner("merge", vocab_size=12, feature_shape=(8,), max_length=5, embed_dim=4, units=4,
-                            rnn="lstm", dropout=0.5, word_dropout=0.35)
+    kept = build()
+    for variable in kept.variables:
+        if variable.path.endswith("seed_generator_state"):
+            variable.assign(variable + 5)  # as after some training
+    keep_teacher_forced(tmp_path / "kept", kept, {"seconds": 1.0, "steps": 3, "history": {"loss": [1.0]}})
+    build(), build()
+    later = build()
+    assert [v.path for v in later.variables] != [v.path for v in kept.variables]
+    assert take_teacher_forced(tmp_path / "kept", later)["steps"] == 3
+    assert all(np.array_equal(a, b) for a, b in zip(streams(later), streams(kept), strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(later.get_weights(), kept.get_weights(), strict=True))
+
+
+def test_a_kept_model_without_its_record_or_from_another_model_is_not_taken(tmp_path):
+    from captioning.runs import keep_teacher_forced
+    model = build()
     keep_teacher_forced(tmp_path / "kept", model, {"seconds": 1.0, "steps": 3, "history": {"loss": [1.0]}})
-    assert take_teacher_forced(tmp_path / "kept", model)["steps"] == 3
-    no_word_dropout = build_captioner("merge", vocab_size=12, feature_shape=(8,), max_length=5, embed_dim=4, units=4,
-                                      rnn="lstm", dropout=0.5, word_dropout=0.0)
-    assert take_teacher_forced(tmp_path / "kept", no_word_dropout) is None  # its random streams are not these
+    record = json.loads((tmp_path / "kept" / "record.json").read_text())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model.weights.h5").write_bytes((tmp_path / "kept" / "model.weights.h5").read_bytes())
+    (tmp_path / "other" / "record.json").write_text(json.dumps(dict(record, random_state=record["random_state"][1:])))
+    assert take_teacher_forced(tmp_path / "other", model) is None  # its random streams are not this model's
     (tmp_path / "kept" / "record.json").unlink()  # a run cut while keeping: weights, no record
     assert take_teacher_forced(tmp_path / "kept", model) is None
