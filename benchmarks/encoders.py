@@ -5,10 +5,13 @@ the same in-memory batches (random pixels: the network's cost does not depend on
 its weights, so fixed random weights stand in for ImageNet's and nothing is downloaded). The
 encoders take turns, repeat after repeat, so that other load on the machine slows all of them
 alike; the script prints each one's median images per second and its speed relative to the
-default encoder (inception_v3). This line is the one source of the speed ratio that the README,
-notebook 02 and encoders.py quote (tests/test_stated_defaults.py holds them to it).
+default encoder (inception_v3).
 
-    .venv/bin/python benchmarks/encoders.py [--images 64] [--batch-size 32] [--repeats 3]
+    .venv/bin/python benchmarks/encoders.py [--images 64] [--batch-size 32] [--repeats 3] [--json PATH]
+
+The medians and ratios also go to benchmarks/results/encoders.json (--json), the one source of the
+ratio: tests/test_stated_defaults.py holds the prose to it, and scripts/estimate.py reads it to
+estimate a `make demo` run with another encoder than the one the course benchmark ran.
 """
 
 import argparse
@@ -36,7 +39,10 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=64, help="images per timing")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "encoders.json"),
+                        help="where to write the medians and ratios ('' for nowhere)")
     args = parser.parse_args(argv)
+    load = [round(value, 2) for value in os.getloadavg()]
 
     built, batches = {}, {}
     for name, spec in encoders.ENCODERS.items():
@@ -59,10 +65,20 @@ def main(argv=None):
         print(f"  repeat {repeat + 1}: " + ", ".join(f"{name} {rates[name][-1]:.1f} images/s" for name in built))
     for name in built:
         print(f"{name}: median {statistics.median(rates[name]):.1f} images/s")
+    ratios = {}
     for name in built:
         if name != DEFAULT:
-            ratio = statistics.median(a / b for a, b in zip(rates[name], rates[DEFAULT]))
-            print(f"{name}_speed_vs_{DEFAULT}: {ratio:.2f}")
+            ratios[name] = statistics.median(a / b for a, b in zip(rates[name], rates[DEFAULT]))
+            print(f"{name}_speed_vs_{DEFAULT}: {ratios[name]:.2f}")
+    if args.json:
+        from captioning.fileio import write_json_atomic
+        write_json_atomic(args.json, {
+            "what": "images per second of each encoder, random pixels and weights, taking turns (benchmarks/encoders.py)",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+            "load_average_at_start": load,
+            "images": args.images, "batch_size": args.batch_size, "repeats": args.repeats,
+            "median_images_per_second": {name: round(statistics.median(rates[name]), 2) for name in built},
+            f"speed_vs_{DEFAULT}": {name: round(ratio, 3) for name, ratio in ratios.items()}})
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ on the work folder the course notebooks left.
 Before starting any notebook it checks, in a few seconds, that what the run
 will download can be downloaded (the COCO server, Keras's ImageNet weights).
 Offline, it stops there with one message naming the settings that use local
-files instead, rather than failing inside notebook 01 or 02 minutes later.
+files instead, rather than failing inside notebook 01 or 02 minutes later. Then it
+says how long the run will take (scripts/estimate.py).
 """
 
 import argparse
@@ -238,6 +239,12 @@ def main(argv=None):
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if course:  # how long, before it starts: from the benchmarks' measured rates (scripts/estimate.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from estimate import estimate_line
+        line = estimate_line(parameters, only)
+        if line:
+            print(line, flush=True)
     import papermill
     try:
         run(parameters, args.out, only, solutions=args.solutions or args.solutions_only, course=course)

@@ -127,6 +127,7 @@ def test_make_demo_with_its_defaults_downloads_trains_captions_and_resumes(coco_
     executed = assert_taught(runs)
     assert re.search(r"wall time: 01 \d+ s, .*06 \d+ s; total \d+ s", result.stdout), result.stdout[-2000:]
     assert_05_took_03s_merge_model(executed[4], work_dir)
+    assert_estimate_said_first(result.stdout, "on 1,600 training and 400 validation photos with inception_v3, plus the download")
 
     # What came down: each photo of the seeded subset that the mirror has, once; the rest 404.
     subset = {split: {image["file_name"] for image in download.choose_subset(
@@ -196,6 +197,15 @@ def test_offline_block_runs_the_six_notebooks_on_flickr8k(offline_demo):
     assert "Kernel is running over TCP" not in result.stdout + result.stderr  # local sockets: no network noise
     assert "650 captions of 130 images" in notebook_text(executed[1])
     assert_05_took_03s_merge_model(executed[4], offline_demo.work_dir)
+    assert_estimate_said_first(result.stdout, "photos with mobilenet_v2;")
+
+
+def assert_estimate_said_first(stdout, *words):
+    """`make demo` says how long the run will take (scripts/estimate.py) before the first notebook runs."""
+    [line] = [line for line in stdout.splitlines() if line.startswith("estimate: ")]
+    assert re.match(r"estimate: about \d+ min for 01 02 03 04 05 06 on ", line), line
+    assert line.endswith("PARAMS change epochs, experiment_epochs: this is the defaults' time"), line
+    assert stdout.index(line) < stdout.index("01_data_preparation") and all(word in line for word in words), line
 
 
 def assert_05_took_03s_merge_model(notebook_05, work_dir):
