@@ -242,7 +242,11 @@ def _teacher_forcing(model, train_data, val_data, settings, run_dir, log, starte
     save_atomically(finished, model.save_weights, ".weights.h5")  # a full disk leaves no half file
     done["history"] = read_history(run_dir)
     if kept is not None:
-        keep_teacher_forced(kept, model, done)
+        try:
+            keep_teacher_forced(kept, model, done)
+        except OSError as error:  # keeping only saves later runs time: this run goes on without it
+            print(f"note: could not keep the teacher-forced model in {kept} ({error.strerror or error}): "
+                  "later runs with the same teacher forcing will train it again", file=sys.stderr)
     return done
 
 

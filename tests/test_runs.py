@@ -128,3 +128,21 @@ def test_a_kept_model_without_its_record_or_from_another_model_is_not_taken(tmp_
     assert take_teacher_forced(tmp_path / "other", model) is None  # its random streams are not this model's
     (tmp_path / "kept" / "record.json").unlink()  # a run cut while keeping: weights, no record
     assert take_teacher_forced(tmp_path / "kept", model) is None
+
+
+def test_a_model_that_cannot_be_kept_costs_the_run_nothing_but_a_note(tiny_data, tmp_path):
+    # Keeping saves later runs time; a run whose work folder cannot take it (full, read-only, or
+    # here a file where the folder should be) still trains and writes its bundle.
+    data_dir, _ = tiny_data
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "teacher-forced").write_text("not a folder")
+    code = ("import sys\nfrom captioning.pipeline import train_pipeline\n"
+            "train_pipeline('flickr8k', sys.argv[1], encoder='mobilenet_v2', weights='none', arch='merge',"
+            " out_dir=sys.argv[2], cache_dir=sys.argv[3], epochs=1, self_critical_epochs=0)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(data_dir), str(tmp_path / "bundle"), str(work)],
+                            capture_output=True, text=True, timeout=900, cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "note: could not keep the teacher-forced model in" in result.stderr
+    assert (tmp_path / "bundle" / "bundle.json").is_file()
