@@ -28,6 +28,7 @@ them on a first reading.
     feature_store  that cache's file format
     bundle         a trained model saved with its vocabulary and settings             (notebook 03)
     pipeline       the `train` command end to end                                     (notebook 03)
+    runs           a run's identity, and the teacher-forced model it keeps for others (notebooks 03, 05)
     evaluate       the `evaluate` command: a bundle scored on a split                 (notebook 05)
     export         a bundle as a SavedModel or .tflite that runs without this package (notebook 04)
     cluster        multi-worker start-up: waiting for the peers TF_CONFIG names
