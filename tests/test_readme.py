@@ -208,6 +208,32 @@ def assert_estimate_said_first(stdout, *words):
     assert stdout.index(line) < stdout.index("01_data_preparation") and all(word in line for word in words), line
 
 
+def test_notebook_03_run_again_unchanged_takes_its_teacher_forced_model_and_saves_the_same_bundle(offline_demo,
+                                                                                                   tmp_path):
+    # A learner re-running notebook 03 with the same settings waited for the same teacher forcing again.
+    import shutil
+
+    from captioning.bundle import Captioner
+
+    ok(offline_demo.result)
+    work, runs = tmp_path / "work", tmp_path / "runs"
+    shutil.copytree(offline_demo.work_dir, work)  # the session's folder stays as the demo left it
+    again = ok(shell(offline_demo.command, REPO, {"WORK_DIR": str(work), "RUNS": str(runs), "PARAMS": CI_PARAMS,
+                                                  "NOTEBOOKS": "03"}, timeout=1800))
+    [kept] = (work / "teacher-forced").glob("*-merge-*")
+    text = notebook_text(runs / "03_training.ipynb")
+    assert f"taking the teacher-forced model kept in {kept}" in text and "Epoch 1/" not in text, text[-2000:]
+    bundles = [folder / "bundles" / "flickr8k-mobilenet_v2-merge" for folder in (offline_demo.work_dir, work)]
+    first, second = (json.loads((bundle / "bundle.json").read_text()) for bundle in bundles)
+    for settings in (first, second):
+        settings.pop("model_sha256", None)  # a .keras file records when it was saved
+        for epoch in settings["metrics"].get("self_critical", []):
+            epoch.pop("seconds", None)  # how long each fine-tuning epoch's parts took: this run's clock
+    assert first == second and "03 " in again.stdout  # its training time too: the kept record's
+    weights = [Captioner.load(bundle).model.get_weights() for bundle in bundles]
+    assert all((a == b).all() for a, b in zip(*weights, strict=True))  # fine-tuned from it to the same bits
+
+
 def assert_05_took_03s_merge_model(notebook_05, work_dir):
     """Run with notebook 03's settings (epochs = experiment_epochs), notebook 05 trains no merge model: it takes
     the teacher-forced one notebook 03 kept (tests/test_runs.py proves that writes the bundle training would)."""
