@@ -26,9 +26,11 @@ dearer model), timed the same way. It runs after notebook 06, so the notebooks 0
 read the default bundle.
 
 Where the time goes inside the notebooks is read from what the run leaves, with no instrumentation
-added: the bundles' bundle.json (teacher forcing's seconds, optimizer steps, epochs, fine-tuning
-epochs), the evaluations' metrics.json (seconds to caption and score), and a few lines the notebooks
-print (notebook 02's encoding rate, notebook 06's "features + training" seconds).
+added by this script: the bundles' bundle.json (teacher forcing's seconds, optimizer steps, epochs,
+fine-tuning epochs, and the seconds self_critical.py records for each fine-tuning epoch's sampling,
+reward, gradient steps and validation scoring, which the report totals per bundle with the median
+ratio sampling / gradient steps), the evaluations' metrics.json (seconds to caption and score), and a
+few lines the notebooks print (notebook 02's encoding rate, notebook 06's "features + training" seconds).
 
 Results go to benchmarks/results/course-flickr8k.json (written atomically, and after every notebook,
 so that a run stopped half-way keeps what it measured), with the machine they were measured on.
@@ -45,7 +47,8 @@ committed tables are what it renders. `--params "epochs=1 experiment_epochs=1"` 
 exist to try the script quickly (with `--out` elsewhere): such a run is marked as not the defaults, and
 `--tables` refuses it.
 
-Goals (issue 27, 2-core CPU): the whole course on the 875-photo sample <= 20 min; the tweak loop <= 3 min.
+Goals (issue 27, 2-core CPU): the whole course on the 875-photo sample <= 20 min; the tweak loop <= 3 min;
+attention fine-tuning: sampling time <= its gradient-step time per epoch.
 """
 
 import argparse
@@ -57,6 +60,7 @@ import platform
 import re
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -203,6 +207,36 @@ PRINTED = [
 ]
 
 
+FINE_TUNING_PARTS = ("sampling", "reward", "gradient", "validation")
+
+
+def fine_tuning_split(epochs):
+    """The self-critical epochs' own clock (their "seconds": sampling, reward, gradient steps, validation
+    scoring): each part's total over the epochs, and the median over epochs of sampling / gradient, the
+    ratio of issue 27's goal for attention (<= 1). {} when the epochs carry no seconds (no fine-tuning,
+    or a bundle from before self_critical.py recorded them)."""
+    timed = [row["seconds"] for row in epochs if isinstance(row.get("seconds"), dict)]
+    if not timed:
+        return {}
+    ratios = [seconds["sampling"] / seconds["gradient"] for seconds in timed
+              if seconds.get("gradient") and "sampling" in seconds]
+    return {"fine_tuning_seconds": {part: round(sum(seconds.get(part, 0.0) for seconds in timed), 2)
+                                    for part in FINE_TUNING_PARTS},
+            "sampling_over_gradient_median": round(statistics.median(ratios), 3) if ratios else None}
+
+
+def fine_tuning_lines(bundles):
+    """The report's lines on fine-tuning: per bundle that fine-tuned, where its epochs' time went."""
+    lines = []
+    for name, record in bundles.items():
+        if "fine_tuning_seconds" in record:
+            parts = ", ".join(f"{part} {seconds:.1f} s" for part, seconds in record["fine_tuning_seconds"].items())
+            ratio = record["sampling_over_gradient_median"]
+            lines.append(f"{name}: fine-tuning, {record['fine_tuning_epochs']} epochs: {parts}; sampling / gradient "
+                         f"per epoch (median) {'n/a' if ratio is None else f'{ratio:.2f}'}")
+    return lines
+
+
 def where_the_time_went(work_dir, runs_dir):
     """What the run's files say about its time (see the docstring); {} entries where a file is missing."""
     found = {"printed": {}, "bundles": {}, "evaluations": {}}
@@ -212,13 +246,14 @@ def where_the_time_went(work_dir, runs_dir):
             found["printed"][name] = float(match.group(1))
     for path in sorted(Path(work_dir).rglob("bundle.json")):
         metrics = json.loads(path.read_text(encoding="utf-8")).get("metrics", {})
+        # self_critical's rows are its epochs, then a summary row ("mean of 6-10"), not an epoch
+        epochs = [row for row in metrics.get("self_critical", []) if isinstance(row.get("epoch"), int)]
         found["bundles"][str(path.parent.relative_to(work_dir))] = {
             "teacher_forcing_seconds": metrics.get("training_seconds"),
             "teacher_forcing_steps": metrics.get("steps"),
             "teacher_forcing_epochs": metrics.get("epochs_run"),
-            # self_critical's rows are its epochs, then a summary row ("mean of 6-10"), not an epoch
-            "fine_tuning_epochs": sum(isinstance(row.get("epoch"), int)
-                                      for row in metrics.get("self_critical", [])),
+            "fine_tuning_epochs": len(epochs),
+            **fine_tuning_split(epochs),
         }
     for path in sorted(Path(work_dir).rglob("metrics.json")):
         metrics = json.loads(path.read_text(encoding="utf-8"))
@@ -317,6 +352,8 @@ def measure(data_dir, weights, out, tweak, params, only):
                         for key in ("wall_seconds", "cpu_seconds")}
     results["where_the_time_went"] = where_the_time_went(work_dir, runs_dir)
     write_json_atomic(out, results)
+    for line in fine_tuning_lines(results["where_the_time_went"]["bundles"]):
+        print(line, flush=True)
     if "03_training" in chosen and tweak:
         tweak_params = " ".join(part for part in (params, tweak) if part)
         command = make_command(data_dir, weights, work_dir, runs_dir, "03_training", tweak_params)
@@ -391,12 +428,22 @@ def _in_this_run(results, notebook):
         return (f"teacher forcing {duration(record['teacher_forcing_seconds'])} over "
                 f"{record['teacher_forcing_epochs']} epochs, {record['teacher_forcing_steps']:,} steps")
 
+    def fine_tuning(record):
+        """[] for a bundle whose epochs were not timed (a JSON from before they were)."""
+        seconds = record.get("fine_tuning_seconds")
+        if not seconds:
+            return []
+        named = {"gradient": "gradient steps"}
+        return [f"fine-tuning {duration(sum(seconds.values()))}: " + ", ".join(
+            f"{named.get(part, part)} {duration(seconds[part])}" for part in FINE_TUNING_PARTS)]
+
     parts = []
     if notebook == "02_feature_caching" and "encoding_seconds" in printed:
         parts.append(f"encoding {duration(printed['encoding_seconds'])} at "
                      f"{printed['encoding_images_per_second']:.1f} photos/s")
     if notebook == "03_training" and bundle("bundles", "merge"):
         parts.append(teacher_forcing(bundle("bundles", "merge")))
+        parts += fine_tuning(bundle("bundles", "merge"))
     if notebook == "05_evaluation":
         trained = [value for key, value in bundles.items() if key.startswith("experiment/")]
         if trained:
@@ -411,6 +458,7 @@ def _in_this_run(results, notebook):
             parts.append(f"grid cache and training {duration(printed['grid_features_and_training_seconds'])}")
         if bundle("bundles", "attention"):
             parts.append("of it " + teacher_forcing(bundle("bundles", "attention")))
+            parts += fine_tuning(bundle("bundles", "attention"))
     return f" (this run: {'; '.join(parts)})" if parts else ""
 
 

@@ -33,6 +33,7 @@ epoch with the best validation CIDEr-D (the starting weights included).
 
 import collections
 import contextlib
+import time
 
 import numpy as np
 
@@ -117,15 +118,19 @@ def self_critical(model, vocab, train_features, train_references, val_features=N
                           patience=patience, average_last=int(average_last), seed=seed, log=log)
 
 
-def self_critical_epoch(model, decoder, vocab, features, reward, *, samples, batch_size, seed, epoch):
+def self_critical_epoch(model, decoder, vocab, features, reward, *, samples, batch_size, seed, epoch,
+                        timings=None):
     """One epoch of self-critical training, the update itself (notebook 03 shows it); returns the
     samples' rewards, image after image.
 
     `decoder` is the model's StepDecoder; `reward` a CiderD of every image's references, each
     repeated `samples` times, so that sample j of image i is scored against image i's captions.
+    `timings`, a dict if given, receives the seconds of sampling, reward and gradient steps.
     """
-    rows = _sample(decoder, vocab, features, samples, seed=(seed * 1000 + epoch) * 100_000)
-    rewards = reward.scores(_captions(vocab, rows))
+    with _timed(timings, "sampling"):
+        rows = _sample(decoder, vocab, features, samples, seed=(seed * 1000 + epoch) * 100_000)
+    with _timed(timings, "reward"):
+        rewards = reward.scores(_captions(vocab, rows))
     # The baseline of each sample is the mean reward of the *other* samples of its image: a
     # caption is pushed up when it beats its siblings, down when it loses to them.
     per_image = rewards.reshape(-1, samples)
@@ -136,8 +141,22 @@ def self_critical_epoch(model, decoder, vocab, features, reward, *, samples, bat
     image_rows = np.repeat(np.arange(len(features)), samples)
     data = make_dataset(features, image_rows, _encode(vocab, rows), batch_size=batch_size, seed=seed + epoch,
                         weights=advantage)
-    model.fit(data, epochs=1, verbose=0, shuffle=False)
+    with _timed(timings, "gradient"):
+        model.fit(data, epochs=1, verbose=0, shuffle=False)
     return rewards
+
+
+@contextlib.contextmanager
+def _timed(timings, part):
+    """Add the seconds the block takes to timings[part]; nothing to do when timings is None.
+
+    The clock sits in self_critical_epoch, around its three calls, because only there are they
+    apart; the function keeps returning just the rewards (notebook 03 reads it as the update, and a
+    clock in its result would be noise there), and a caller that wants the split passes a dict."""
+    start = time.perf_counter()
+    yield
+    if timings is not None:
+        timings[part] = timings.get(part, 0.0) + time.perf_counter() - start
 
 
 @contextlib.contextmanager
@@ -172,18 +191,22 @@ def _fine_tune(model, vocab, train_features, train_references, val_features, val
     reward = CiderD([refs for refs in train_references for _ in range(samples)])  # the references' statistics, once
 
     for epoch in range(epochs):
+        seconds = {}  # where the epoch's time went (benchmarks/course.py reports it from bundle.json)
         rewards = self_critical_epoch(model, decoder, vocab, train_features, reward, samples=samples,
-                                      batch_size=batch_size, seed=seed, epoch=epoch)
+                                      batch_size=batch_size, seed=seed, epoch=epoch, timings=seconds)
         if average_last:
             recent.append(model.get_weights())
 
         record = {"epoch": epoch + 1, "sample_cider": round(float(rewards.mean()), 4)}
         if validating:
-            record["val_cider"] = round(score(), 4)
+            with _timed(seconds, "validation"):
+                record["val_cider"] = round(score(), 4)
             if record["val_cider"] > best:
                 best, best_weights, waited = record["val_cider"], model.get_weights(), 0
             else:
                 waited += 1
+        # Measured, so different on every run: a comparison of histories that must hold exactly leaves it out.
+        record["seconds"] = {part: round(value, 2) for part, value in seconds.items()}
         history.append(record)
         log(f"self-critical epoch {epoch + 1}: {record}")
         if validating and patience is not None and waited >= patience:

@@ -62,3 +62,34 @@ def test_no_old_hand_typed_total_survives(name):
              if phrase in text]
     assert not stale, f"{name} still quotes the old hand-typed times: {stale}"
     assert len(re.findall(re.escape(course.BEGIN), text)) == 1, f"{name} needs one course-times table"
+
+
+def test_the_fine_tuning_split_is_read_from_the_bundles(tmp_path):
+    """where_the_time_went totals each self-critical part over a bundle's epochs (not its summary row)
+    and takes the median of the epochs' sampling / gradient; a bundle that did not fine-tune, or one
+    saved before the epochs were timed, gets no split rather than zeros."""
+    epochs = [{"epoch": 1, "sample_cider": 0.5, "val_cider": 0.4,
+               "seconds": {"sampling": 6.0, "reward": 0.5, "gradient": 3.0, "validation": 2.0}},
+              {"epoch": 2, "sample_cider": 0.6, "val_cider": 0.5,
+               "seconds": {"sampling": 4.0, "reward": 0.5, "gradient": 4.0, "validation": 2.5}},
+              {"epoch": 3, "sample_cider": 0.7,  # no validation images: no validation part
+               "seconds": {"sampling": 9.0, "reward": 1.0, "gradient": 3.0}},
+              {"epoch": "mean of 2-3", "val_cider": 0.55}]
+    bundles = {"timed": epochs, "untimed": [{key: value for key, value in row.items() if key != "seconds"}
+                                            for row in epochs], "teacher_forcing_only": None}
+    for name, history in bundles.items():
+        (tmp_path / name).mkdir()
+        metrics = {"training_seconds": 10.0, "steps": 20, "epochs_run": 2,
+                   **({"self_critical": history} if history else {})}
+        (tmp_path / name / "bundle.json").write_text(json.dumps({"metrics": metrics}), encoding="utf-8")
+    found = course.where_the_time_went(tmp_path, tmp_path / "runs")["bundles"]
+    assert found["timed"]["fine_tuning_epochs"] == 3
+    assert found["timed"]["fine_tuning_seconds"] == {"sampling": 19.0, "reward": 2.0, "gradient": 10.0,
+                                                     "validation": 4.5}
+    assert found["timed"]["sampling_over_gradient_median"] == 2.0  # of 2.0, 1.0 and 3.0
+    assert found["untimed"]["fine_tuning_epochs"] == 3 and "fine_tuning_seconds" not in found["untimed"]
+    assert found["teacher_forcing_only"]["fine_tuning_epochs"] == 0
+    assert "fine_tuning_seconds" not in found["teacher_forcing_only"]
+    [line] = course.fine_tuning_lines(found)
+    assert line.startswith("timed: fine-tuning, 3 epochs: sampling 19.0 s, reward 2.0 s, gradient 10.0 s, "
+                           "validation 4.5 s;") and line.endswith("(median) 2.00")
