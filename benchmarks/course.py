@@ -89,7 +89,7 @@ README_LABELS = {
     "02_feature_caching": "`02_feature_caching`",
     "03_training": "`03_training`",
     "04_decoding": "`04_decoding`",
-    "05_evaluation": "`05_evaluation` (trains four architectures)",
+    "05_evaluation": "`05_evaluation` (trains the inject variants)",
     "06_attention": "`06_attention` (caches grids, trains attention)",
 }
 WHERE_THE_TIME_GOES = {
@@ -97,7 +97,7 @@ WHERE_THE_TIME_GOES = {
     "02_feature_caching": "the CNN over every photo",
     "03_training": "teacher forcing (early stopping), then 10 epochs of fine-tuning",
     "04_decoding": "the beam width sweep, the encoder for a new photo, the export",
-    "05_evaluation": "training and scoring the four architectures of the experiment",
+    "05_evaluation": "training the three inject variants (merge is notebook 03's) and scoring all four",
     "06_attention": "the grid cache, and the attention model's training and fine-tuning",
 }
 
@@ -239,11 +239,14 @@ def fine_tuning_lines(bundles):
 
 def where_the_time_went(work_dir, runs_dir):
     """What the run's files say about its time (see the docstring); {} entries where a file is missing."""
-    found = {"printed": {}, "bundles": {}, "evaluations": {}}
+    found = {"printed": {}, "bundles": {}, "evaluations": {}, "taken": []}
     for notebook, name, pattern in PRINTED:
         match = re.search(pattern, notebook_text(Path(runs_dir) / f"{notebook}.ipynb"))
         if match:
             found["printed"][name] = float(match.group(1))
+    # The architectures notebook 05 did not train: it took notebook 03's teacher-forced model (captioning/runs.py)
+    found["taken"] = re.findall(r"^(\S+): teacher forcing: taking the model kept in ", notebook_text(
+        Path(runs_dir) / "05_evaluation.ipynb"), flags=re.M)
     for path in sorted(Path(work_dir).rglob("bundle.json")):
         metrics = json.loads(path.read_text(encoding="utf-8")).get("metrics", {})
         # self_critical's rows are its epochs, then a summary row ("mean of 6-10"), not an epoch
@@ -445,10 +448,13 @@ def _in_this_run(results, notebook):
         parts.append(teacher_forcing(bundle("bundles", "merge")))
         parts += fine_tuning(bundle("bundles", "merge"))
     if notebook == "05_evaluation":
-        trained = [value for key, value in bundles.items() if key.startswith("experiment/")]
+        taken = went.get("taken", [])
+        trained = [value for key, value in bundles.items()
+                   if key.startswith("experiment/") and not any(key.endswith(f"-{arch}") for arch in taken)]
         if trained:
             parts.append(f"teacher forcing of the {len(trained)} models "
-                         f"{duration(sum(value['teacher_forcing_seconds'] for value in trained))}")
+                         f"{duration(sum(value['teacher_forcing_seconds'] for value in trained))}"
+                         + (f", {' and '.join(taken)} taken from notebook 03" if taken else ""))
         scored = [value["seconds"] for key, value in evaluations.items()
                   if key.startswith("experiment/") or (key.startswith("evaluations/") and "-merge-" in key)]
         if scored:

@@ -41,11 +41,13 @@ def train(data_dir, work, out, **options):
 
 
 def bundle(folder):
-    """(bundle.json without the training time and the model file's hash, the model's weights)."""
+    """(bundle.json without the times and the model file's hash, the model's weights)."""
     from captioning.bundle import Captioner
     settings = json.loads((folder / "bundle.json").read_text())
     settings.pop("model_sha256", None)  # a .keras file records when it was saved
     settings["metrics"].pop("training_seconds")
+    for epoch in settings["metrics"].get("self_critical", []):
+        epoch.pop("seconds", None)  # how long each fine-tuning epoch's parts took: this run's clock
     return settings, Captioner.load(folder).model.get_weights()
 
 
