@@ -86,10 +86,15 @@ def estimate_line(parameters, only=None, course_file=COURSE, speeds_file=ENCODER
         speeds = json.loads(Path(speeds_file).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    if not (isinstance(course, dict) and course.get("complete") and isinstance(speeds, dict)):
+        return None  # a benchmark run that is under way or was cut short has left only part of its results
     photos = photos_of_run(parameters)
-    if not photos or parameters["encoder"] not in speeds.get("median_images_per_second", {}):
+    if not photos or not all(photos) or parameters["encoder"] not in speeds.get("median_images_per_second", {}):
         return None
-    seconds = notebook_seconds(course, speeds, parameters["encoder"], *photos)
+    try:
+        seconds = notebook_seconds(course, speeds, parameters["encoder"], *photos)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None  # results of another version of the benchmarks: no estimate rather than no run
     chosen = {name: value for name, value in seconds.items() if not only or name in only}
     total = sum(chosen.values()) / 60
     machine = course["machine"]
