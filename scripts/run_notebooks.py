@@ -16,6 +16,7 @@ says how long the run will take (scripts/estimate.py).
 
 import argparse
 import atexit
+import functools
 import os
 import shutil
 import sys
@@ -38,18 +39,24 @@ def notebook_paths(only=None, folder=NOTEBOOKS):
 
 
 def _kernel_manager():
-    """Jupyter's kernel manager, talking to the kernel over Unix sockets (IPC) in a private
+    """Jupyter's kernel manager, with two changes. Its client waits for messages in slices
+    (`_steady_client`). And it talks to the kernel over Unix sockets (IPC) in a private
     temporary folder: no port open to the network, so the kernel does not warn, in every run's
     output, that its TCP traffic is unencrypted. Jupyter's default (TCP) where there are no Unix
     sockets (Windows) or where the socket paths would pass their limit of 104 bytes."""
     from jupyter_client.manager import AsyncKernelManager
     from traitlets import CaselessStrEnum, default
 
+    class SteadyKernelManager(AsyncKernelManager):
+        @default("client_factory")
+        def _steady_client_factory(self):
+            return _steady_client()
+
     longest = os.path.join(tempfile.gettempdir(), "kernel-xxxxxxxx", "ipc-65535")
     if os.name != "posix" or len(os.fsencode(longest)) >= 104:
-        return AsyncKernelManager
+        return SteadyKernelManager
 
-    class LocalKernelManager(AsyncKernelManager):
+    class LocalKernelManager(SteadyKernelManager):
         transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc")
 
         @default("ip")
@@ -59,6 +66,37 @@ def _kernel_manager():
             return os.path.join(folder, "ipc")
 
     return LocalKernelManager
+
+
+@functools.cache
+def _steady_client():
+    """Jupyter's asynchronous kernel client, whose channels never wait for a message unbounded.
+
+    pyzmq's asyncio sockets learn of new messages from an edge-triggered file descriptor. Now
+    and then, under load, papermill's event loop misses the edge: the kernel has answered, the
+    answer sits in the client's socket, and both processes sleep for good. We saw it about once in
+    fifty runs of a small widget notebook (notebook 04's panel hung `make demo` in CI twice), with
+    TCP and with IPC alike. A poll with a timeout ends with a level-triggered check of the socket,
+    so waiting in one-second slices turns a lost wake-up into a second's delay."""
+    from jupyter_client.asynchronous import AsyncKernelClient
+    from jupyter_client.channels import AsyncZMQSocketChannel
+    from traitlets import Type
+
+    class SteadyChannel(AsyncZMQSocketChannel):
+        async def get_msg(self, timeout=None):
+            if timeout is not None:
+                return await super().get_msg(timeout)
+            while not await self.socket.poll(1000):
+                pass
+            return await self._recv()
+
+    class SteadyClient(AsyncKernelClient):
+        shell_channel_class = Type(SteadyChannel)
+        iopub_channel_class = Type(SteadyChannel)
+        stdin_channel_class = Type(SteadyChannel)
+        control_channel_class = Type(SteadyChannel)
+
+    return SteadyClient
 
 
 def _execute(paths, parameters, out_dir, cwd, label, log):
