@@ -2,7 +2,7 @@
 
 Every architecture is three functions (models.py and attention.py hold them):
 
-    layers(vocab_size, embed_dim, units, rnn, dropout, word_dropout, **options) -> {name: layer}
+    layers(vocab_size, max_length, embed_dim, units, rnn, dropout, word_dropout, **options) -> {name: layer}
         every layer that holds weights, created once, keyed by its name;
     start(layers, image) -> the RNN's states before the first word (None: zeros);
     wire(layers, image, words, states) -> (logits, new states[, attention weights]).
@@ -78,8 +78,9 @@ def build_captioner(arch="merge", *, vocab_size, feature_shape, max_length, embe
                     dropout=0.5, word_dropout=0.0, **options):
     """Build a caption model with the Functional API (notebooks 03 and 06).
 
-    Inputs: {"image": (batch, *feature_shape) float32, "words": (batch, max_length + 1) int32};
-    output: next-word logits (batch, max_length + 1, vocab_size). feature_shape is (D,) for a
+    Inputs: {"image": (batch, *feature_shape) float32, "words": (batch, steps) int32}, steps up to
+    max_length + 1 (a batch is as long as its longest caption: training.make_dataset);
+    output: next-word logits (batch, steps, vocab_size). feature_shape is (D,) for a
     pooled vector (an int will do) or (H, W, C) for a grid. `options` are the architecture's
     own: merge_mode ("add" or "concat") for merge; attention_units and attention_penalty for attention.
     """
@@ -97,12 +98,12 @@ def build_captioner(arch="merge", *, vocab_size, feature_shape, max_length, embe
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     try:
-        layers = spec.layers(vocab_size=vocab_size, embed_dim=embed_dim, units=units, rnn=rnn, dropout=dropout,
-                             word_dropout=word_dropout, **options)
+        layers = spec.layers(vocab_size=vocab_size, max_length=max_length, embed_dim=embed_dim, units=units, rnn=rnn,
+                             dropout=dropout, word_dropout=word_dropout, **options)
     except TypeError as error:  # an option another architecture takes
         raise ValueError(f"{arch} does not take option(s) {sorted(options)} ({error})") from None
     image = keras.Input(feature_shape, name="image")
-    words = keras.Input((max_length + 1,), dtype="int32", name="words")
+    words = keras.Input((None,), dtype="int32", name="words")  # any length up to max_length + 1
     logits = spec.wire(layers, image, words, spec.start(layers, image))[0]
     return keras.Model({"image": image, "words": words}, logits, name=arch.replace("-", "_") + "_captioner")
 

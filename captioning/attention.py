@@ -53,15 +53,19 @@ class AttentionDecoder(keras.layers.Layer):
     """The attending recurrence: (word embeddings, regions, states[, word ids]) ->
     (hidden states, contexts, attention weights, *final states), one row per step.
 
-    The steps are a plain Python loop over the (fixed, short) caption length:
-    the graph is unrolled once when traced, and the loop reads like the maths.
+    The steps are a plain Python loop over the (short) caption length: the
+    graph is unrolled once when traced, and the loop reads like the maths. A
+    training batch is as long as its longest caption (training.make_dataset),
+    which the graph learns only when it runs: it is then unrolled to
+    `max_steps`, and the steps past the batch's length are skipped.
     """
 
-    def __init__(self, units, attention_units=None, rnn="lstm", attention_penalty=0.0, **kwargs):
+    def __init__(self, units, attention_units=None, rnn="lstm", attention_penalty=0.0, max_steps=None, **kwargs):
         super().__init__(**kwargs)
         self.units, self.rnn = int(units), rnn
         self.attention_units = int(attention_units or units)
         self.attention_penalty = float(attention_penalty)
+        self.max_steps = None if max_steps is None else int(max_steps)
         cell = keras.layers.LSTMCell if rnn == "lstm" else keras.layers.GRUCell
         self.cell = cell(self.units, name="cell")
         self.keys = keras.layers.Dense(self.attention_units, use_bias=False, name="attention_keys")
@@ -82,27 +86,40 @@ class AttentionDecoder(keras.layers.Layer):
         weights = keras.ops.exp(scores - keras.ops.logsumexp(scores, axis=-1, keepdims=True))
         return weights, keras.ops.sum(weights[:, :, None] * regions, axis=1)
 
+    def read(self, word, keys, regions, states, training):
+        """One step: look at the image, then read the word -> (output, context, weights, *states)."""
+        weights, context = self.attend(keys, regions, states[0])
+        output, states = self.cell(keras.ops.concatenate([word, context], axis=-1), states, training=training)
+        return output, context, weights, *(states if isinstance(states, (list, tuple)) else [states])
+
     def call(self, sequence, regions, states, words=None, keys=None, training=False):
         if keys is None:  # the regions' half of the score: once per caption, not per step
             keys = self.keys(regions)
         states = list(states)
+        steps, length = sequence.shape[1], keras.ops.shape(sequence)[1]  # steps: None if known only when run
+        if steps is None and self.max_steps is None:
+            raise ValueError("AttentionDecoder needs max_steps to read captions whose length is not fixed")
         hidden, contexts, weights = [], [], []
-        for step in range(sequence.shape[1]):
-            step_weights, context = self.attend(keys, regions, states[0])
-            step_input = keras.ops.concatenate([sequence[:, step], context], axis=-1)
-            output, states = self.cell(step_input, states, training=training)
-            states = list(states) if isinstance(states, (list, tuple)) else [states]
+        for step in range(steps or self.max_steps):
+            def read(step=step, states=states):
+                return self.read(sequence[:, step], keys, regions, states, training)
+
+            def skip(states=states):  # past the batch's last word: nothing to read, the states stay
+                batch = keras.ops.shape(sequence)[0]
+                return (keras.ops.zeros((batch, self.units)), keras.ops.zeros((batch, regions.shape[-1])),
+                        keras.ops.zeros((batch, keras.ops.shape(regions)[1])), *states)
+            output, context, step_weights, *states = read() if steps else keras.ops.cond(step < length, read, skip)
             hidden.append(output)
             contexts.append(context)
             weights.append(step_weights)
-        hidden, contexts, weights = (keras.ops.stack(rows, axis=1) for rows in (hidden, contexts, weights))
+        hidden, contexts, weights = (keras.ops.stack(rows, axis=1)[:, :length] for rows in (hidden, contexts, weights))
         if training and self.attention_penalty and words is not None:
             self.add_loss(self.attention_penalty * doubly_stochastic_penalty(weights, words))
         return hidden, contexts, weights, *states
 
     def get_config(self):
         return {**super().get_config(), "units": self.units, "attention_units": self.attention_units,
-                "rnn": self.rnn, "attention_penalty": self.attention_penalty}
+                "rnn": self.rnn, "attention_penalty": self.attention_penalty, "max_steps": self.max_steps}
 
 
 def doubly_stochastic_penalty(weights, words, pad_id=PAD_ID):
@@ -113,7 +130,7 @@ def doubly_stochastic_penalty(weights, words, pad_id=PAD_ID):
     return keras.ops.mean(keras.ops.sum(keras.ops.square(1.0 - per_region), axis=-1))
 
 
-def attention_layers(*, vocab_size, embed_dim, units, rnn, dropout, word_dropout, attention_units=None,
+def attention_layers(*, vocab_size, max_length, embed_dim, units, rnn, dropout, word_dropout, attention_units=None,
                      attention_penalty=0.0):
     """The attention captioner's layers that hold weights (and its dropouts), keyed by their names."""
     dense = keras.layers.Dense
@@ -128,7 +145,8 @@ def attention_layers(*, vocab_size, embed_dim, units, rnn, dropout, word_dropout
     return word_layers(vocab_size=vocab_size, embed_dim=embed_dim, dropout=dropout, word_dropout=word_dropout,
                        image_first=image_first, image_last=image_last,
                        decoder=lambda: AttentionDecoder(units, attention_units, rnn=rnn,
-                                                        attention_penalty=attention_penalty, name="decoder_rnn"))
+                                                        attention_penalty=attention_penalty,
+                                                        max_steps=max_length + 1, name="decoder_rnn"))
 
 
 def as_locations(image, name="grid_locations"):

@@ -10,9 +10,11 @@ names the final file, even where the operating system's error names none.
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -307,3 +309,36 @@ def work_paths(work_dir, dataset, encoder=None, pooling="avg", arch=None):
     if arch is not None:  # a bundle is named by what it is: its data, its encoder and its architecture
         paths["bundle"] = work_dir / "bundles" / "-".join(part for part in (dataset, encoder, arch) if part)
     return paths
+
+
+def _close_hdf5(path):
+    """Close every HDF5 handle h5py still holds on `path`. A weights file whose write failed
+    (a full disk) is left open by Keras; h5py would flush it again at exit, print tracebacks
+    and, with the disk still full, crash the process after our one-line message."""
+    import h5py
+    for file_id in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
+        try:
+            if os.fsdecode(file_id.name) == os.fspath(path):
+                h5py.File(file_id).close()
+        except Exception:  # closing what a full disk broke may fail too; the file is deleted next
+            pass
+
+
+def save_atomically(final, save, suffix):
+    """Write `final` by calling save(temporary path), then rename it into place: a write cut
+    short (a full disk, a kill) leaves the earlier complete file, never half of a new one under
+    the final name. Does nothing if `save` wrote nothing (a checkpoint that was not better).
+    An OSError is raised again naming `final`; h5py's own carry the errno only in their text."""
+    final = Path(final)
+    temp = final.with_name(f".{final.name}.{os.getpid()}.partial{suffix}")  # Keras insists on the suffix
+    try:
+        save(temp)
+    except BaseException as error:
+        _close_hdf5(temp)
+        temp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            code = error.errno or next((int(found) for found in re.findall(r"errno = (\d+)", str(error))), None)
+            raise OSError(code or errno.EIO, os.strerror(code) if code else str(error), str(final)) from error
+        raise
+    if temp.exists():
+        os.replace(temp, final)

@@ -46,6 +46,21 @@ class WordDropout(keras.layers.Layer):
         return {**super().get_config(), "rate": self.rate}
 
 
+@keras.saving.register_keras_serializable(package="captioning")
+class RepeatPerStep(keras.layers.Layer):
+    """(vector (batch, D), sequence (batch, steps, ...)) -> the vector at every step, (batch, steps, D).
+
+    Keras's RepeatVector wants the number of steps when the model is built; a batch here is as
+    long as its longest caption (training.make_dataset), so the steps are read from the sequence.
+    """
+
+    def call(self, vector, sequence):
+        return keras.ops.tile(keras.ops.expand_dims(vector, 1), (1, keras.ops.shape(sequence)[1], 1))
+
+    def compute_output_shape(self, vector_shape, sequence_shape):
+        return (vector_shape[0], sequence_shape[1], vector_shape[-1])
+
+
 def word_layers(*, vocab_size, embed_dim, dropout, word_dropout, decoder, image_first=(), image_last=()):
     """Every layer of a caption model that holds weights or draws random numbers, as {name: layer}:
     the word layers all architectures share, the architecture's `decoder` (its RNN) and its image

@@ -34,15 +34,16 @@ from captioning import quiet_tensorflow
 quiet_tensorflow()
 import keras  # noqa: E402
 
-from captioning.layers import read_words, word_layers, write_words  # noqa: E402
+from captioning.layers import RepeatPerStep, read_words, word_layers, write_words  # noqa: E402
 
 RNN_TYPES = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
 MERGE_MODES = ("add", "concat")
 
 
-def rnn_layers(*, vocab_size, embed_dim, units, rnn, dropout, word_dropout, image_last=()):
+def rnn_layers(*, vocab_size, max_length, embed_dim, units, rnn, dropout, word_dropout, image_last=()):
     """What all four share: the word layers, the RNN, and dropout on the image vector; then
-    `image_last`, the architecture's own image layers (functions that make them)."""
+    `image_last`, the architecture's own image layers (functions that make them). Keras's RNN
+    reads a caption of any length, so max_length is not needed here."""
     return word_layers(vocab_size=vocab_size, embed_dim=embed_dim, dropout=dropout, word_dropout=word_dropout,
                        image_first=[lambda: keras.layers.Dropout(dropout, name="image_dropout")],
                        decoder=lambda: RNN_TYPES[rnn](units, return_sequences=True, return_state=True,
@@ -78,7 +79,7 @@ def merge(layers, image, words, states):
     if "merge_add" in layers:  # one vector, added at every step (broadcast)
         image_vector = keras.layers.Reshape((1, -1), name="image_per_step")(image_vector)
         return write_words(layers, layers["merge_add"]([outputs, image_vector])), states
-    image_vector = keras.layers.RepeatVector(outputs.shape[1], name="image_per_step")(image_vector)
+    image_vector = RepeatPerStep(name="image_per_step")(image_vector, outputs)
     return write_words(layers, layers["merge_concat"]([outputs, image_vector])), states
 
 
@@ -92,7 +93,7 @@ def par_inject_layers(*, embed_dim, **options):
 def par_inject(layers, image, words, states):
     sequence = read_words(layers, words)
     image_vector = layers["image_projection"](layers["image_dropout"](image))
-    repeated = keras.layers.RepeatVector(sequence.shape[1], name="image_at_every_step")(image_vector)
+    repeated = RepeatPerStep(name="image_at_every_step")(image_vector, sequence)
     sequence = keras.layers.Concatenate(name="word_and_image")([sequence, repeated])
     outputs, *states = layers["decoder_rnn"](sequence, initial_state=states)
     return write_words(layers, outputs), states

@@ -27,10 +27,9 @@ from captioning.data import get_dataset, load_prepared, prepare, source_fingerpr
 from captioning.evaluation import same_caption_warning  # noqa: E402
 from captioning.features import FeatureStore, cache_features  # noqa: E402
 from captioning.fileio import (folder_lock, left_out_rows, read_json, replace_folder, restore_folder, work_paths,  # noqa: E402
-                               writable_folder, write_json_atomic)
+                               save_atomically, writable_folder, write_json_atomic)
 from captioning.runs import keep_teacher_forced, run_identity, take_teacher_forced, teacher_forced_folder  # noqa: E402
-from captioning.training import (MODEL_KEYS, fit_captioner, make_dataset, preset_settings,  # noqa: E402
-                                 read_history, save_atomically)
+from captioning.training import MODEL_KEYS, fit_captioner, make_dataset, preset_settings, read_history  # noqa: E402
 
 # Captioning in chunks keeps beam search's working memory (chunk x beam x vocabulary
 # log-probabilities) small on a full 5,000-image COCO split.
@@ -152,12 +151,14 @@ def distinct_captions(model, vocab, val_arrays, settings, log):
 def self_critical_recipe(settings, epochs=None):
     """The arguments of `self_critical` that come from a preset's settings, as `train` passes
     them (notebook 03 passes the same): the preset's fine-tuning epochs, capped by an explicit
-    teacher-forcing `epochs` (a quick run stays quick), its learning rate, batch size, the
-    decoding the validation captions are written with, and how many epochs' weights to average."""
+    teacher-forcing `epochs` (a quick run stays quick), its learning rate, batch size and length
+    buckets, the decoding the validation captions are written with, and how many epochs' weights
+    to average."""
     rounds = settings["self_critical_epochs"] if epochs is None else min(epochs, settings["self_critical_epochs"])
     return {"epochs": rounds, "learning_rate": settings["self_critical_learning_rate"],
-            "batch_size": settings["batch_size"], "length_alpha": settings["length_alpha"],
-            "no_repeat_ngram": settings["no_repeat_ngram"], "average_last": settings["self_critical_average"]}
+            "batch_size": settings["batch_size"], "bucket_width": settings["bucket_width"],
+            "length_alpha": settings["length_alpha"], "no_repeat_ngram": settings["no_repeat_ngram"],
+            "average_last": settings["self_critical_average"]}
 
 
 def _self_critical_phase(model, prepared, store, splits, settings, epochs, seed, log):
@@ -319,8 +320,10 @@ def _train_pipeline(dataset, data_dir, worker, *, encoder, weights, arch, out_di
                              "folder, or pass --overwrite (overwrite=True) to replace it once the new one is complete")
     keras.utils.set_random_seed(seed)
     batch = settings["batch_size"]
-    train_data = make_dataset(*train_arrays, batch_size=batch, seed=seed)
-    val_data = make_dataset(*val_arrays, batch_size=batch, shuffle=False) if len(val_arrays[1]) else None
+    buckets = settings["bucket_width"]
+    train_data = make_dataset(*train_arrays, batch_size=batch, seed=seed, bucket_width=buckets)
+    val_data = make_dataset(*val_arrays, batch_size=batch, shuffle=False, bucket_width=buckets) \
+        if len(val_arrays[1]) else None
     with (strategy or tf.distribute.get_strategy()).scope():
         model = architectures.build_captioner(arch, vocab_size=len(prepared.vocab), feature_shape=store.feature_shape,
                                               max_length=prepared.vocab.max_length,

@@ -92,8 +92,8 @@ def _sample(decoder, vocab, features, samples, seed, chunk=128):
 
 
 def self_critical(model, vocab, train_features, train_references, val_features=None, val_references=None, *,
-                  epochs=10, samples=5, learning_rate=5e-5, batch_size=64, patience=None, beam_width=3,
-                  length_alpha=0.7, no_repeat_ngram=0, average_last=0, seed=0, log=print):
+                  epochs=10, samples=5, learning_rate=5e-5, batch_size=64, bucket_width=0, patience=None,
+                  beam_width=3, length_alpha=0.7, no_repeat_ngram=0, average_last=0, seed=0, log=print):
     """Fine-tune a teacher-forced caption model on CIDEr-D (notebook 03); returns a history list.
 
     train_features: one row per image; train_references: the cleaned human
@@ -103,7 +103,8 @@ def self_critical(model, vocab, train_features, train_references, val_features=N
     None, runs every epoch: the first ones often score lower on validation
     while the captions change style, before they score higher. average_last=K
     keeps the mean weights of the last K epochs instead, whatever they score
-    (see the module's docstring).
+    (see the module's docstring). bucket_width: make_dataset's length buckets for the
+    gradient steps on the sampled captions.
     """
     if samples < 2:
         raise ValueError(f"samples must be at least 2 (the baseline is the other samples' mean), got {samples}")
@@ -115,11 +116,12 @@ def self_critical(model, vocab, train_features, train_references, val_features=N
     with _no_word_dropout(model):
         return _fine_tune(model, vocab, train_features, train_references, val_features, val_references, beam_options,
                           epochs=epochs, samples=samples, learning_rate=learning_rate, batch_size=batch_size,
-                          patience=patience, average_last=int(average_last), seed=seed, log=log)
+                          bucket_width=bucket_width, patience=patience, average_last=int(average_last), seed=seed,
+                          log=log)
 
 
 def self_critical_epoch(model, decoder, vocab, features, reward, *, samples, batch_size, seed, epoch,
-                        timings=None):
+                        timings=None, bucket_width=0):
     """One epoch of self-critical training, the update itself (notebook 03 shows it); returns the
     samples' rewards, image after image.
 
@@ -140,7 +142,7 @@ def self_critical_epoch(model, decoder, vocab, features, reward, *, samples, bat
     # advantage: the same masked loss and fit() as training.py, with sample weights.
     image_rows = np.repeat(np.arange(len(features)), samples)
     data = make_dataset(features, image_rows, _encode(vocab, rows), batch_size=batch_size, seed=seed + epoch,
-                        weights=advantage)
+                        weights=advantage, bucket_width=bucket_width)
     with _timed(timings, "gradient"):
         model.fit(data, epochs=1, verbose=0, shuffle=False)
     return rewards
@@ -175,7 +177,7 @@ def _no_word_dropout(model):
 
 
 def _fine_tune(model, vocab, train_features, train_references, val_features, val_references, beam_options, *,
-               epochs, samples, learning_rate, batch_size, patience, average_last, seed, log):
+               epochs, samples, learning_rate, batch_size, bucket_width, patience, average_last, seed, log):
     decoder = make_step_decoder(model)
     compile_captioner(model, learning_rate=learning_rate)
     validating = val_features is not None and len(val_features) > 0
@@ -193,7 +195,8 @@ def _fine_tune(model, vocab, train_features, train_references, val_features, val
     for epoch in range(epochs):
         seconds = {}  # where the epoch's time went (benchmarks/course.py reports it from bundle.json)
         rewards = self_critical_epoch(model, decoder, vocab, train_features, reward, samples=samples,
-                                      batch_size=batch_size, seed=seed, epoch=epoch, timings=seconds)
+                                      batch_size=batch_size, seed=seed, epoch=epoch, timings=seconds,
+                                      bucket_width=bucket_width)
         if average_last:
             recent.append(model.get_weights())
 

@@ -10,13 +10,19 @@ one sample: the model reads [<start>, w1, ..., wn] and predicts [w1, ..., wn,
 measures the difference). Captions are padded to one length, so the loss and
 the accuracy average over real words only: a model that predicts <pad> after
 <end> has learned nothing worth rewarding.
+
+Length buckets (`bucket_width`). Padding is not free: the RNN reads every
+position of a batch, real word or <pad>, and Flickr8k's captions average 12
+words in batches padded to 21 positions. make_dataset can group captions of
+similar length and cut each batch to its longest caption, so that a batch of
+short captions takes a short step. The loss is the same per batch; what changes is which captions share one.
+This is sequence bucketing, tf.data's `bucket_by_sequence_length`; the width
+(4 words) was not tuned, and docs/experiments.md records what it costs in quality.
 """
 
 import csv
-import errno
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -29,7 +35,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from captioning.feature_store import FeatureStore, read_rows  # noqa: E402
-from captioning.fileio import write_text_atomic  # noqa: E402
+from captioning.fileio import save_atomically, write_text_atomic  # noqa: E402
 from captioning.vocab import PAD_ID  # noqa: E402
 
 # What a learner changes first. `cpu-small` trains the Flickr8k sample on a
@@ -46,11 +52,11 @@ from captioning.vocab import PAD_ID  # noqa: E402
 PRESETS = {
     "cpu-small": dict(embed_dim=256, units=256, rnn="lstm", dropout=0.5, word_dropout=0.35,
                       batch_size=64, learning_rate=1e-3, epochs=30, patience=4, label_smoothing=0.0,
-                      min_count=5, max_length=20, length_alpha=1.0, no_repeat_ngram=2,
+                      min_count=5, max_length=20, length_alpha=1.0, no_repeat_ngram=2, bucket_width=4,
                       self_critical_epochs=10, self_critical_learning_rate=5e-5, self_critical_average=5),
     "gpu-full": dict(embed_dim=512, units=512, rnn="lstm", dropout=0.5, word_dropout=0.0,
                      batch_size=256, learning_rate=5e-4, epochs=30, patience=3, label_smoothing=0.0,
-                     min_count=5, max_length=20, length_alpha=0.7, no_repeat_ngram=0,
+                     min_count=5, max_length=20, length_alpha=0.7, no_repeat_ngram=0, bucket_width=4,
                      self_critical_epochs=10, self_critical_learning_rate=5e-5, self_critical_average=0),
 }
 MODEL_KEYS = ("embed_dim", "units", "rnn", "dropout", "word_dropout")  # the preset values build_captioner takes
@@ -147,7 +153,13 @@ def gather_features(store, image_ids, chunk=256):
     return features, rows.astype(np.int64)
 
 
-def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed=0, weights=None):
+def bucket_boundaries(max_length, bucket_width):
+    """Where make_dataset's length buckets start, in tokens (<start>, words, <end>): with width
+    4, captions of 1-4 words share batches, 5-8 words others, and so on up to max_length."""
+    return list(range(bucket_width + 3, max_length + 3, bucket_width))
+
+
+def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed=0, weights=None, bucket_width=0):
     """A tf.data pipeline of ({"image", "words"}, targets) batches (notebook 03).
 
     `sequences` are encoded captions (N, max_length + 2): [<start>, words, <end>, <pad>...].
@@ -161,6 +173,10 @@ def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed
     with the store (all of COCO's 8x8x2048 grids are 32 GB). With one
     weight per caption, batches also carry it for every target word (the loss
     multiplies each word's loss by it: self_critical.py).
+
+    bucket_width=w > 0 batches captions with others of about their length (1-w
+    words, w+1-2w words, ...; tf.data's bucket_by_sequence_length) and cuts every
+    batch to its longest caption. 0 pads every batch to max_length + 1 positions.
     """
     if isinstance(features, FeatureStore):
         features = features.features
@@ -172,6 +188,8 @@ def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed
         raise ValueError(f"{len(rows)} feature rows for {len(sequences)} captions")
     if len(rows) == 0:
         raise ValueError("no captions to make a dataset from")
+    if int(bucket_width) < 0:
+        raise ValueError(f"bucket_width must be >= 0 (0 = no length buckets), got {bucket_width}")
 
     if on_disk or features.dtype == np.float16:
         # float16 stays in numpy: TensorFlow's CPU float16 kernels are slow and log a oneDNN error.
@@ -189,6 +207,8 @@ def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed
 
     @tf.autograph.experimental.do_not_convert  # plain tensor code: nothing for AutoGraph to rewrite
     def to_model_inputs(batch_rows, batch_sequences, *batch_weights):
+        if bucket_width:  # up to the batch's longest caption: what follows is <pad> in every row
+            batch_sequences = batch_sequences[:, :tf.reduce_max(real_tokens(batch_sequences, axis=1))]
         inputs, targets = {"image": images(batch_rows), "words": batch_sequences[:, :-1]}, batch_sequences[:, 1:]
         if not batch_weights:
             return inputs, targets
@@ -198,9 +218,20 @@ def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed
     data = tf.data.Dataset.from_tensor_slices(columns)
     if shuffle:
         data = data.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
-    return (data.batch(batch_size)
+    if bucket_width:
+        boundaries = bucket_boundaries(sequences.shape[1] - 2, int(bucket_width))
+        data = data.bucket_by_sequence_length(lambda row, sequence, *weight: real_tokens(sequence), boundaries,
+                                              [batch_size] * (len(boundaries) + 1))
+    else:
+        data = data.batch(batch_size)
+    return (data
             .map(to_model_inputs, num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE))
+
+
+def real_tokens(sequences, axis=None):
+    """How many tokens of an encoded caption (or of each, along `axis`) are not <pad>."""
+    return tf.math.count_nonzero(tf.not_equal(sequences, PAD_ID), axis=axis, dtype=tf.int32)
 
 
 # --- fit ------------------------------------------------------------------------
@@ -225,39 +256,6 @@ def read_history(run_dir):
     columns = {key: [row[key] for row in rows] for key in (rows[0] if rows else {}) if key != "epoch"}
     return {key: [float("nan") if value in ("NA", "", None) else float(value) for value in values]
             for key, values in columns.items() if any(value not in ("NA", "", None) for value in values)}
-
-
-def _close_hdf5(path):
-    """Close every HDF5 handle h5py still holds on `path`. A weights file whose write failed
-    (a full disk) is left open by Keras; h5py would flush it again at exit, print tracebacks
-    and, with the disk still full, crash the process after our one-line message."""
-    import h5py
-    for file_id in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
-        try:
-            if os.fsdecode(file_id.name) == os.fspath(path):
-                h5py.File(file_id).close()
-        except Exception:  # closing what a full disk broke may fail too; the file is deleted next
-            pass
-
-
-def save_atomically(final, save, suffix):
-    """Write `final` by calling save(temporary path), then rename it into place: a write cut
-    short (a full disk, a kill) leaves the earlier complete file, never half of a new one under
-    the final name. Does nothing if `save` wrote nothing (a checkpoint that was not better).
-    An OSError is raised again naming `final`; h5py's own carry the errno only in their text."""
-    final = Path(final)
-    temp = final.with_name(f".{final.name}.{os.getpid()}.partial{suffix}")  # Keras insists on the suffix
-    try:
-        save(temp)
-    except BaseException as error:
-        _close_hdf5(temp)
-        temp.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            code = error.errno or next((int(found) for found in re.findall(r"errno = (\d+)", str(error))), None)
-            raise OSError(code or errno.EIO, os.strerror(code) if code else str(error), str(final)) from error
-        raise
-    if temp.exists():
-        os.replace(temp, final)
 
 
 class AtomicCheckpoint(keras.callbacks.ModelCheckpoint):
