@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 COURSE = REPO / "benchmarks" / "results" / "course-flickr8k.json"
 ENCODER_SPEEDS = REPO / "benchmarks" / "results" / "encoders.json"
-BUDGETS = ("epochs", "experiment_epochs", "self_critical_epochs", "batch_size")  # PARAMS that change training
+BUDGETS = ("epochs", "experiment_epochs", "self_critical_epochs", "batch_size", "bucket_width")  # PARAMS that change training
 
 
 def photos_of_run(parameters):

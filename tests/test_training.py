@@ -142,6 +142,71 @@ def test_shuffling_keeps_each_caption_with_its_image():
         assert vocab.decode(targets[position]) == captions[index]
 
 
+def random_length_sequences(count, max_length, seed, vocab_size=30):
+    """Encoded captions of 1..max_length random words: [<start>, words, <end>, <pad>...]."""
+    rng = np.random.default_rng(seed)
+    sequences = np.zeros((count, max_length + 2), dtype=np.int32)  # <pad> is 0
+    for row, length in enumerate(rng.integers(1, max_length + 1, size=count)):
+        sequences[row, 0], sequences[row, length + 1] = 1, 2  # <start>, <end>
+        sequences[row, 1:length + 1] = rng.integers(4, vocab_size, size=length)
+    return sequences
+
+
+def test_length_buckets_batch_captions_of_about_one_length_cut_to_the_longest_and_lose_none():
+    max_length, width, count = 12, 4, 300
+    sequences = random_length_sequences(count, max_length, seed=5)
+    words = (sequences != 0).sum(axis=1) - 2
+    features = np.arange(count, dtype="float32")[:, None]  # each caption's feature is its row number
+    data = make_dataset(features, np.arange(count), sequences, batch_size=16, seed=5, bucket_width=width)
+    seen = []
+    for inputs, targets in data.as_numpy_iterator():
+        rows = inputs["image"][:, 0].astype(int)
+        seen += rows.tolist()
+        assert len(set((words[rows] - 1) // width)) == 1  # 1-4 words, 5-8 or 9-12: one bucket per batch
+        steps = words[rows].max() + 1  # <start> and the words of the longest caption
+        assert inputs["words"].shape == (len(rows), steps) and targets.shape == (len(rows), steps)
+        np.testing.assert_array_equal(inputs["words"], sequences[rows, :steps])
+        np.testing.assert_array_equal(targets, sequences[rows, 1:steps + 1])
+    assert sorted(seen) == list(range(count))  # every caption once per epoch
+    assert seen != sorted(seen)  # and still shuffled
+    padded = next(make_dataset(features, np.arange(count), sequences, batch_size=16).as_numpy_iterator())
+    assert padded[0]["words"].shape[1] == max_length + 1  # bucket_width=0: padded as before
+    with pytest.raises(ValueError, match="bucket_width"):
+        make_dataset(features, np.arange(count), sequences, bucket_width=-1)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_a_batch_cut_to_its_longest_caption_gives_the_same_logits_loss_and_gradients(arch):
+    """What buckets rely on: the positions after the longest caption change nothing. The model is
+    called through a graph that does not know the batch's length, as fit() calls it on buckets."""
+    max_length, steps = 10, 6
+    shape = (2, 2, 8) if ARCHITECTURES[arch].features == "grid" else (8,)
+    keras.utils.set_random_seed(1)
+    model = build_captioner(arch, vocab_size=30, feature_shape=shape, max_length=max_length, embed_dim=8, units=8,
+                            dropout=0.0)
+    sequences = random_length_sequences(8, steps - 1, seed=1)  # at most steps - 1 words: steps positions
+    padded = np.zeros((8, max_length + 2), dtype=np.int32)
+    padded[:, :steps + 1] = sequences
+    image = np.random.default_rng(1).normal(size=(8, *shape)).astype("float32")
+    loss_of = MaskedCaptionLoss()
+
+    @tf.function(input_signature=[tf.TensorSpec((None, *shape)), tf.TensorSpec((None, None), tf.int32)],
+                 reduce_retracing=True)
+    def forward(image, sequence):
+        with tf.GradientTape() as tape:
+            logits = model({"image": image, "words": sequence[:, :-1]}, training=True)
+            loss = loss_of(sequence[:, 1:], logits)
+        return logits, loss, tape.gradient(loss, model.trainable_variables)
+
+    cut, full = forward(image, sequences), forward(image, padded)
+    assert cut[0].shape[1] == steps and full[0].shape[1] == max_length + 1
+    np.testing.assert_allclose(cut[0], full[0][:, :steps], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(cut[1]), float(full[1]), rtol=1e-5)
+    for variable, mine, padded_one in zip(model.trainable_variables, cut[2], full[2]):
+        np.testing.assert_allclose(tf.convert_to_tensor(mine), tf.convert_to_tensor(padded_one), rtol=1e-4,
+                                   atol=1e-6, err_msg=variable.path)
+
+
 def write_store(folder, ids, features):
     """A finished feature store of these features, through feature_store.write_store (the real writer)."""
     from captioning.feature_store import FeatureStore, write_store
