@@ -2,8 +2,9 @@
 
 Every architecture is three functions (models.py and attention.py hold them):
 
-    layers(vocab_size, max_length, embed_dim, units, rnn, dropout, word_dropout, **options) -> {name: layer}
-        every layer that holds weights, created once, keyed by its name;
+    layers(vocab_size, embed_dim, units, rnn, dropout, word_dropout, **options) -> {name: layer}
+        every layer that holds weights, created once, keyed by its name (with
+        takes_max_length, also max_length: attention unrolls its loop that far);
     start(layers, image) -> the RNN's states before the first word (None: zeros);
     wire(layers, image, words, states) -> (logits, new states[, attention weights]).
 
@@ -40,6 +41,7 @@ class Architecture:
     features: str = "pooled"  # what it reads: "pooled" (one vector per image) or "grid" (the CNN's regions)
     remember: Callable = None  # decoding: image -> what every step needs of it, computed once (None: the image)
     recall: Callable = None  # decoding: wire from what remember made (goes with remember)
+    takes_max_length: bool = False  # layers() is also given max_length (Keras's RNNs need not know it)
 
 
 ARCHITECTURES = {
@@ -49,7 +51,7 @@ ARCHITECTURES = {
     "pre-inject": Architecture(models.pre_inject_layers, models.pre_inject_start, models.read_from),
     "attention": Architecture(attention.attention_layers, attention.attention_start, attention.attention,
                               features="grid", remember=attention.attention_memory,
-                              recall=attention.attention_from_memory),
+                              recall=attention.attention_from_memory, takes_max_length=True),
 }
 
 
@@ -98,8 +100,9 @@ def build_captioner(arch="merge", *, vocab_size, feature_shape, max_length, embe
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     try:
-        layers = spec.layers(vocab_size=vocab_size, max_length=max_length, embed_dim=embed_dim, units=units, rnn=rnn,
-                             dropout=dropout, word_dropout=word_dropout, **options)
+        length = {"max_length": max_length} if spec.takes_max_length else {}
+        layers = spec.layers(vocab_size=vocab_size, embed_dim=embed_dim, units=units, rnn=rnn, dropout=dropout,
+                             word_dropout=word_dropout, **length, **options)
     except TypeError as error:  # an option another architecture takes
         raise ValueError(f"{arch} does not take option(s) {sorted(options)} ({error})") from None
     image = keras.Input(feature_shape, name="image")

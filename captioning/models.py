@@ -40,10 +40,9 @@ RNN_TYPES = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
 MERGE_MODES = ("add", "concat")
 
 
-def rnn_layers(*, vocab_size, max_length, embed_dim, units, rnn, dropout, word_dropout, image_last=()):
+def rnn_layers(*, vocab_size, embed_dim, units, rnn, dropout, word_dropout, image_last=()):
     """What all four share: the word layers, the RNN, and dropout on the image vector; then
-    `image_last`, the architecture's own image layers (functions that make them). Keras's RNN
-    reads a caption of any length, so max_length is not needed here."""
+    `image_last`, the architecture's own image layers (functions that make them)."""
     return word_layers(vocab_size=vocab_size, embed_dim=embed_dim, dropout=dropout, word_dropout=word_dropout,
                        image_first=[lambda: keras.layers.Dropout(dropout, name="image_dropout")],
                        decoder=lambda: RNN_TYPES[rnn](units, return_sequences=True, return_state=True,

@@ -198,7 +198,7 @@ def test_word_dropout_changes_training_not_decoding(arch, tmp_path):
 
 # --- a new architecture, from outside the package -------------------------------------
 
-def gru_merge_layers(*, vocab_size, max_length, embed_dim, units, rnn, dropout, word_dropout):
+def gru_merge_layers(*, vocab_size, embed_dim, units, rnn, dropout, word_dropout):
     """A bare merge model with a GRU: what a learner writes to try an idea of their own.
     The table's contract: an Input named "image" (build_captioner makes it), and layers
     named word_embedding, decoder_rnn (a Keras RNN) and word_logits."""
