@@ -24,6 +24,7 @@ per image, not once per word and per beam or sample.
 
 import dataclasses
 import functools
+import weakref
 from typing import Callable
 
 from captioning import attention, models, quiet_tensorflow
@@ -212,12 +213,28 @@ class StepDecoder:
 
     def step(self, words, states, features):
         """`features`: the images' features, one row per word, or what `remember` made of them (a list)."""
-        memory = features if isinstance(features, list) else self.remember(features)
+        memory = self._memory_tensors(features if isinstance(features, list) else self.remember(features))
         words = np.asarray(words, dtype=np.int32).reshape(-1)
         states = [np.asarray(state, dtype=np.float32) for state in states]
-        log_probs, weights, new_states = self._step(words, states, [np.asarray(part, np.float32) for part in memory])
+        log_probs, weights, new_states = self._step(words, states, memory)
         self.last_attention = weights.numpy() if self.attends else None
         return log_probs.numpy(), [state.numpy() for state in new_states]
+
+
+    def _memory_tensors(self, memory):
+        """The memory's arrays as tensors, made once for the arrays a decoder passes at every step:
+        copying attention's regions and keys into a tensor at every word took a third of its
+        sampling time. The arrays are recognised by identity (weak references, so that this keeps
+        only the tensors alive); arrays changed in place between two steps would not be seen."""
+        cached = getattr(self, "_cached_memory", None)
+        if cached is None or len(cached[0]) != len(memory) or \
+                any(reference() is not part for reference, part in zip(cached[0], memory)):
+            try:
+                references = [weakref.ref(part) for part in memory]
+            except TypeError:  # not numpy arrays (lists, say): converted for this step only
+                return [tf.constant(np.asarray(part, np.float32)) for part in memory]
+            cached = self._cached_memory = (references, [tf.constant(np.asarray(part, np.float32)) for part in memory])
+        return cached[1]
 
 
 def make_step_decoder(model):

@@ -91,6 +91,23 @@ def test_remembering_each_image_once_decodes_exactly_as_recomputing_it_every_wor
     assert regions.shape == (5, 16, 8) and keys.shape == (5, 16, 8)
 
 
+def test_the_remembered_regions_become_tensors_once_per_decoding_not_at_every_word(monkeypatch):
+    model = tiny_attention((4, 4), 16)
+    grids, _ = random_inputs((4, 4), 16, batch=4)
+    decoder = make_step_decoder(model)
+    passed, step = [], decoder._step
+    monkeypatch.setattr(decoder, "_step",
+                        lambda words, states, memory: passed.append(memory) or step(words, states, memory))
+    options = dict(start_id=1, end_id=2, max_length=LENGTH)
+    first = sample_decode(decoder, grids, seed=3, **options)
+    steps = len(passed)
+    assert steps > 1 and all(all(a is b for a, b in zip(memory, passed[0])) for memory in passed)  # the same tensors
+    second = sample_decode(decoder, grids, seed=3, **options)
+    assert second == first and all(a is not b for a, b in zip(passed[steps], passed[0]))  # new arrays, new tensors
+    # A caller who passes the features (not remembered arrays) at every step gets the same captions.
+    assert sample_decode(PerWordDecoder(decoder), grids, seed=3, **options) == first
+
+
 # --- shapes and distributions -----------------------------------------------------------
 
 @pytest.mark.parametrize("grid_shape, channels", [((8, 8), 2048), ((10, 10), 1280)],
