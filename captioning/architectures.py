@@ -144,6 +144,7 @@ class StepDecoder:
         state_size = layers["decoder_rnn"].cell.state_size
         self.state_sizes = list(state_size) if isinstance(state_size, (list, tuple)) else [state_size]
         self.last_attention = None
+        self._cached_memory = ([], [])  # (weak references to the arrays, their tensors): see _memory_tensors
 
         image = keras.Input(self.image_shape, name="image")
         word = keras.Input((1,), dtype="int32", name="word")
@@ -220,21 +221,20 @@ class StepDecoder:
         self.last_attention = weights.numpy() if self.attends else None
         return log_probs.numpy(), [state.numpy() for state in new_states]
 
-
     def _memory_tensors(self, memory):
         """The memory's arrays as tensors, made once for the arrays a decoder passes at every step:
         copying attention's regions and keys into a tensor at every word took a third of its
         sampling time. The arrays are recognised by identity (weak references, so that this keeps
         only the tensors alive); arrays changed in place between two steps would not be seen."""
-        cached = getattr(self, "_cached_memory", None)
-        if cached is None or len(cached[0]) != len(memory) or \
-                any(reference() is not part for reference, part in zip(cached[0], memory)):
-            try:
-                references = [weakref.ref(part) for part in memory]
-            except TypeError:  # not numpy arrays (lists, say): converted for this step only
-                return [tf.constant(np.asarray(part, np.float32)) for part in memory]
-            cached = self._cached_memory = (references, [tf.constant(np.asarray(part, np.float32)) for part in memory])
-        return cached[1]
+        references, tensors = self._cached_memory
+        if len(references) == len(memory) and all(reference() is part for reference, part in zip(references, memory)):
+            return tensors
+        tensors = [tf.constant(np.asarray(part, np.float32)) for part in memory]
+        try:
+            self._cached_memory = ([weakref.ref(part) for part in memory], tensors)
+        except TypeError:  # not numpy arrays (lists, say): converted for this step only
+            pass
+        return tensors
 
 
 def make_step_decoder(model):

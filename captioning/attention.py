@@ -86,7 +86,7 @@ class AttentionDecoder(keras.layers.Layer):
         weights = keras.ops.exp(scores - keras.ops.logsumexp(scores, axis=-1, keepdims=True))
         return weights, keras.ops.sum(weights[:, :, None] * regions, axis=1)
 
-    def read(self, word, keys, regions, states, training):
+    def read_word(self, word, keys, regions, states, training):
         """One step: look at the image, then read the word -> (output, context, weights, *states)."""
         weights, context = self.attend(keys, regions, states[0])
         output, states = self.cell(keras.ops.concatenate([word, context], axis=-1), states, training=training)
@@ -102,7 +102,7 @@ class AttentionDecoder(keras.layers.Layer):
         hidden, contexts, weights = [], [], []
         for step in range(steps or self.max_steps):
             def read(step=step, states=states):
-                return self.read(sequence[:, step], keys, regions, states, training)
+                return self.read_word(sequence[:, step], keys, regions, states, training)
 
             def skip(states=states):  # past the batch's last word: nothing to read, the states stay
                 batch = keras.ops.shape(sequence)[0]

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.fileio import read_json, write_json_atomic
-from captioning.fileio import save_atomically
+from captioning.fileio import read_json, save_atomically, write_json_atomic
 
 
 def run_identity(arch, dataset, settings, seed, store, vocab):
