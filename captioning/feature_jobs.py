@@ -223,9 +223,14 @@ def plan_update(out_dir, entries, settings, rehash=False):
         base_dir = _stash(out_dir)  # an update is under way (and its stash may have been cut short)
     base, base_ids, base_sources = None, [], {}
     if base_dir is not None:
-        base = read_json(base_dir / "manifest.json", "feature cache manifest", kind=dict)
-        check_settings(base, settings, out_dir)
-        problem = "was made by an older version that did not record the photos' content"
+        try:
+            base = read_json(base_dir / "manifest.json", "feature cache manifest", kind=dict)
+        except ValueError:  # cut short or overwritten, like the files it vouches for below
+            base = {}
+        problem = "is damaged (its manifest.json is unreadable)"
+        if base:
+            check_settings(base, settings, out_dir)
+            problem = "was made by an older version that did not record the photos' content"
         if base.get("format") == FORMAT_VERSION:
             try:  # a store cut short (a full disk, a copy stopped half-way) is rebuilt, not read
                 base_ids = read_json(base_dir / base["ids_file"], "feature cache index", kind=list)

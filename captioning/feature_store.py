@@ -103,7 +103,10 @@ class FeatureStore:
         if not (out_dir / "manifest.json").is_file():
             state = "unfinished (run the caching again to resume it)" if out_dir.is_dir() else "absent"
             raise FileNotFoundError(f"no complete feature cache in {out_dir}: it is {state}")
-        manifest = read_json(out_dir / "manifest.json", "feature cache manifest", kind=dict)
+        try:
+            manifest = read_json(out_dir / "manifest.json", "feature cache manifest", kind=dict)
+        except ValueError as error:  # cut short or overwritten: say what to do, not only what is wrong
+            raise ValueError(f"{error}: {DAMAGED_STORE}") from None
         if expect:
             check_settings(manifest, expect, out_dir)
         ids = read_json(out_dir / manifest["ids_file"], "feature cache index")

@@ -169,6 +169,29 @@ def test_photos_no_longer_asked_for_are_dropped_and_deleted_ones_reported(tiny, 
     assert "made by an older version that did not record the photos' content" in capsys.readouterr().out
 
 
+def test_a_damaged_manifest_says_what_to_do_and_the_rerun_encodes_again(tiny, tmp_path, capsys):
+    photos = write_photos(tmp_path / "images", 6)
+    cache = tmp_path / "cache"
+    options = dict(encoder=tiny, batch_size=4, progress=False)
+    cache_features(photos, cache, **options)
+    before = FeatureStore.open(cache)
+    rows = {image_id: before.get(image_id) for image_id in before.ids}
+    del before
+    manifest = cache / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:40])  # cut short, as by a full disk or a copy stopped half-way
+
+    with pytest.raises(ValueError) as caught:
+        FeatureStore.open(cache)
+    message = str(caught.value)
+    assert str(manifest) in message and "not valid JSON" in message and "run the same command again" in message
+
+    capsys.readouterr()
+    assert cache_features(photos, cache, **options).computed == 6
+    assert "is damaged (its manifest.json is unreadable): encoding all 6 again" in capsys.readouterr().out
+    after = FeatureStore.open(cache)
+    assert all(np.allclose(after.get(image_id), rows[image_id], rtol=1e-2, atol=1e-3) for image_id in rows)
+
+
 def test_an_interrupted_update_resumes_to_the_bytes_of_an_uninterrupted_one(tiny, tmp_path, monkeypatch):
     """An update keeps its earlier store in partial/base until it commits: a run stopped while
     encoding, or while writing the store, resumes to the bytes of an uninterrupted update."""
