@@ -34,6 +34,7 @@ them on a first reading.
     cluster        multi-worker start-up: waiting for the peers TF_CONFIG names
     widgets        what the interactive panels compute: beam table, attention maps   (notebooks 04, 06)
     fileio         atomic writes, the data/work layout
+    interrupts     Ctrl-C during training stops between two steps, never inside one
     cli            `python -m captioning ...`
 
 Importing this package does not import TensorFlow; the modules that need it

@@ -40,6 +40,7 @@ import numpy as np
 from captioning.architectures import make_step_decoder
 from captioning.decoding import beam_search, sample_decode
 from captioning.cider import CiderD, cider_d
+from captioning.interrupts import StopBetweenSteps, between_steps, stop_if_asked
 from captioning.training import compile_captioner, gather_features, make_dataset
 
 
@@ -85,6 +86,7 @@ def _sample(decoder, vocab, features, samples, seed, chunk=128):
     so that repeated features (grids, for attention) never fill the memory."""
     rows = []
     for first in range(0, len(features), chunk):
+        stop_if_asked()  # Ctrl-C stops between chunks (interrupts.py)
         repeated = np.repeat(np.asarray(features[first:first + chunk], dtype=np.float32), samples, axis=0)
         rows += sample_decode(decoder, repeated, start_id=vocab.start_id, end_id=vocab.end_id,
                               max_length=vocab.max_length, seed=seed + first, banned_ids=[vocab.unk_id])
@@ -113,7 +115,7 @@ def self_critical(model, vocab, train_features, train_references, val_features=N
     if int(average_last) < 0:
         raise ValueError(f"average_last must be >= 0 (0 = keep the best epoch), got {average_last}")
     beam_options = dict(beam_width=beam_width, length_alpha=length_alpha, no_repeat_ngram=no_repeat_ngram)
-    with _no_word_dropout(model):
+    with _no_word_dropout(model), between_steps():  # Ctrl-C stops after a step, not inside one
         return _fine_tune(model, vocab, train_features, train_references, val_features, val_references, beam_options,
                           epochs=epochs, samples=samples, learning_rate=learning_rate, batch_size=batch_size,
                           bucket_width=bucket_width, patience=patience, average_last=int(average_last), seed=seed,
@@ -143,8 +145,8 @@ def self_critical_epoch(model, decoder, vocab, features, reward, *, samples, bat
     image_rows = np.repeat(np.arange(len(features)), samples)
     data = make_dataset(features, image_rows, _encode(vocab, rows), batch_size=batch_size, seed=seed + epoch,
                         weights=advantage, bucket_width=bucket_width)
-    with _timed(timings, "gradient"):
-        model.fit(data, epochs=1, verbose=0, shuffle=False)
+    with _timed(timings, "gradient"):  # StopBetweenSteps: a Ctrl-C stops after a batch, not inside one
+        model.fit(data, epochs=1, verbose=0, shuffle=False, callbacks=[StopBetweenSteps()])
     return rewards
 
 

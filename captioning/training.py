@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 
 from captioning.feature_store import FeatureStore, read_rows  # noqa: E402
 from captioning.fileio import save_atomically, write_text_atomic  # noqa: E402
+from captioning.interrupts import StopBetweenSteps, between_steps  # noqa: E402
 from captioning.vocab import PAD_ID  # noqa: E402
 
 # What a learner changes first. `cpu-small` trains the Flickr8k sample on a
@@ -376,8 +377,9 @@ def fit_captioner(model, train_data, validation_data=None, *, epochs=30, learnin
     else:
         callbacks = training_callbacks(run_dir, patience=patience, monitor=monitor, tensorboard=tensorboard)
     # shuffle=False: make_dataset already shuffles, once per epoch, with its seed.
-    history = model.fit(train_data, validation_data=validation_data, epochs=epochs, callbacks=callbacks,
-                        shuffle=False, verbose=verbose)
+    with between_steps():  # Ctrl-C stops after a step, not inside one (interrupts.py)
+        history = model.fit(train_data, validation_data=validation_data, epochs=epochs,
+                            callbacks=[*callbacks, StopBetweenSteps()], shuffle=False, verbose=verbose)
     # The seconds of the whole run, across interruptions (pipeline.py records them in bundle.json).
     history.seconds = next((callback.seconds() for callback in callbacks if isinstance(callback, ResumableBackup)),
                            None)
