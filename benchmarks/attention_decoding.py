@@ -3,17 +3,18 @@
 An attention decoder scores every region of the grid before every word. The regions' projection
 and their attention keys depend on the image alone; computed at every word, for every sample of
 self-critical fine-tuning (5 per photo) or every beam, they were nearly all of a step's work. This
-script samples captions (as fine-tuning does: 5 per photo) and decodes with beam search on the same
-attention model both ways, taking turns, and prints the median times and their ratios. Both ways
-must give the same captions. The model has the cpu-small preset's sizes and the grid of the
-default encoder (InceptionV3: 8 x 8 x 2048; `--grid 10 --channels 1280` for MobileNetV2), with
-fixed random weights and its caption length capped, so that every caption runs to max_length:
-the same work for both.
+script samples captions (as fine-tuning does: 5 per photo) and decodes with beam search (one
+compiled graph either way, beams.py) on the same attention model both ways, taking turns, and
+prints the median times and their ratios. Both ways must give the same captions. The model has
+the cpu-small preset's sizes and the grid of the default encoder (InceptionV3: 8 x 8 x 2048;
+`--grid 10 --channels 1280` for MobileNetV2), with fixed random weights and its caption length
+capped, so that every caption runs to max_length: the same work for both.
 
     .venv/bin/python benchmarks/attention_decoding.py [--images 64] [--repeats 3]
 """
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -28,12 +29,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from captioning.architectures import build_captioner, make_step_decoder  # noqa: E402
-from captioning.decoding import beam_search, sample_decode  # noqa: E402
+from captioning.beams import length_divisors, search_ops  # noqa: E402
+from captioning.decoding import DEFAULT_LENGTH_ALPHA, _banned, beam_search, sample_decode  # noqa: E402
 from captioning.training import PRESETS  # noqa: E402
 
 
 class EveryWord:
-    """The decoder without `remember`: the decoders hand it the grids at every step."""
+    """The decoder without `remember`: sampling hands it the grids at every step."""
 
     def __init__(self, decoder):
         self.decoder = decoder
@@ -65,22 +67,36 @@ def main(argv=None):
     # start/end ids no sampled word can be (the end id is out of the model's reach): full-length captions
     options = dict(start_id=1, end_id=args.vocab + 1, max_length=args.max_length, banned_ids=[0])
     repeated = np.repeat(grids, args.samples, axis=0)
-    jobs = {
-        "sampling": lambda dec: sample_decode(dec, repeated, seed=0, **options),
-        "beam search (k=3)": lambda dec: [[h.ids for h in image] for image in beam_search(
-            dec, grids, beam_width=3, start_id=1, end_id=2, max_length=args.max_length)],
+    beam = dict(start_id=1, end_id=2, max_length=args.max_length, beam_width=3)
+
+    def every_word_step(words, states, grid):  # the regions and keys again, inside the loop
+        return decoder._step_graph(words, states, decoder._memory_graph(grid))
+    every_word_search = tf.function(functools.partial(
+        search_ops, decoder._initial_graph, every_word_step, divisors=length_divisors(args.max_length, DEFAULT_LENGTH_ALPHA),
+        banned_ids=_banned(1, 2, 0, ()), **beam))
+
+    def best_every_word():
+        found = every_word_search(tf.constant(grids))
+        return [ids[0, :length[0]].tolist() for ids, length in zip(found["ids"].numpy(), found["lengths"].numpy())]
+    jobs = {  # name: {way: job}
+        "sampling": {"remembered": lambda: sample_decode(decoder, repeated, seed=0, **options),
+                     "every word": lambda: sample_decode(EveryWord(decoder), repeated, seed=0, **options)},
+        # Beam search is one compiled graph either way (beams.py): remembered (as beam_search runs it) or with a
+        # step that computes the regions and keys from the grid at every word.
+        "beam search (k=3)": {"remembered": lambda: [image[0].ids for image in beam_search(decoder, grids, **beam)],
+                              "every word": best_every_word},
     }
     print(f"attention, {args.grid} x {args.grid} x {args.channels} grid, units {preset['units']}, vocabulary "
           f"{args.vocab}; {args.images} images, {args.samples} samples each, {args.max_length} words, "
           f"{args.repeats} turns")
     ratios = {}
-    for name, job in jobs.items():
-        assert job(decoder) == job(EveryWord(decoder)), f"{name}: the two ways disagree"  # also traces both
-        times = {"remembered": [], "every word": []}
+    for name, ways in jobs.items():
+        assert ways["remembered"]() == ways["every word"](), f"{name}: the two ways disagree"  # also traces both
+        times = {way: [] for way in ways}
         for _ in range(args.repeats):
-            for way, dec in (("remembered", decoder), ("every word", EveryWord(decoder))):
+            for way, job in ways.items():
                 start = time.perf_counter()
-                job(dec)
+                job()
                 times[way].append(time.perf_counter() - start)
         fast, slow = statistics.median(times["remembered"]), statistics.median(times["every word"])
         ratios[name] = slow / fast

@@ -11,6 +11,7 @@ in the notebooks' order, and each is a few hundred lines of ideas.
     training       tf.data pipelines, the masked loss, fit(), the PRESETS table       (notebook 03)
     self_critical  fine-tuning on CIDEr-D                                             (notebook 03)
     decoding       batched greedy and beam search, sampling                           (notebook 04)
+    beams          beam search as TensorFlow ops: the one search, compiled and exported (notebook 04)
     cider          CIDEr-D: the score, and fine-tuning's reward                       (notebooks 03, 05)
     evaluation     BLEU, METEOR, ROUGE-L, CIDEr-D, diversity, bootstrap intervals     (notebook 05)
     attention      the soft-attention architecture                                    (notebook 06)

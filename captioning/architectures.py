@@ -145,6 +145,7 @@ class StepDecoder:
         self.state_sizes = list(state_size) if isinstance(state_size, (list, tuple)) else [state_size]
         self.last_attention = None
         self._cached_memory = ([], [])  # (weak references to the arrays, their tensors): see _memory_tensors
+        self.compiled_searches = {}  # decoding.beam_search's compiled searches of this decoder, by options
 
         image = keras.Input(self.image_shape, name="image")
         word = keras.Input((1,), dtype="int32", name="word")

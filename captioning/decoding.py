@@ -24,6 +24,12 @@ model call per image per word. The older tutorials' per-image loop manages
 about one caption a second on a laptop CPU; benchmarks/decoding.py measures
 the difference.
 
+Greedy and sampling are numpy loops around `step`. Beam search is written in
+TensorFlow ops (beams.py), so that for a StepDecoder the whole loop runs as
+one compiled graph - the graph export.py saves, so that `caption`, validation,
+the notebooks and an exported model share one beam search - and a decoder of
+plain Python runs the same ops eagerly.
+
 Lengths. `max_length` is the longest caption in words. A hypothesis is
 finished when it emits <end> or when it has `max_length` words (it is then
 kept as it is, without <end>). Its length, for length normalisation, is the
@@ -35,11 +41,17 @@ greedy and beam search return, with `return_attention=True`, one row of
 weights per word of the chosen caption (notebook 06).
 """
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-from captioning.vocab import PAD_ID
+from captioning import quiet_tensorflow
+
+tf = quiet_tensorflow()
+
+from captioning.beams import length_divisors, search_ops  # noqa: E402
+from captioning.vocab import PAD_ID  # noqa: E402
 
 # The decoders never emit <pad> nor <start>: those ids get probability zero at
 # every step. Callers may ban more with `banned_ids`, e.g. vocab.unk_id: a model
@@ -105,12 +117,15 @@ def _repeat_rows(memory, k):
     return np.repeat(memory, k, axis=0)
 
 
+NO_ATTENTION = ("return_attention=True needs a decoder with attention weights (`last_attention`): only the "
+                "attention architecture has them")
+
+
 def _attention(decoder, rows):
     """The weights over the grid (rows, L) of the decoder's last step."""
     weights = getattr(decoder, "last_attention", None)
     if weights is None:
-        raise ValueError("return_attention=True needs a decoder with attention weights (`last_attention`): "
-                         "only the attention architecture has them")
+        raise ValueError(NO_ATTENTION)
     return np.asarray(weights, dtype=np.float32).reshape(rows, -1)
 
 
@@ -197,37 +212,6 @@ def sample_decode(decoder, features, *, start_id, end_id, max_length, temperatur
 
 # --- beam search -----------------------------------------------------------------
 
-def _top_candidates(total, how_many):
-    """Indices of the `how_many` best entries of each row, best first.
-
-    argpartition finds them in linear time (a row has beam_width x vocabulary
-    entries); only those few are then sorted, ties going to the lower index
-    as np.argmax does, so that beam width 1 reproduces greedy exactly.
-    """
-    how_many = min(how_many, total.shape[1])
-    top = np.argpartition(-total, how_many - 1, axis=1)[:, :how_many]
-    values = np.take_along_axis(total, top, axis=1)
-    order = np.lexsort((top, -values), axis=1)
-    return np.take_along_axis(top, order, axis=1)
-
-
-def _ban_repeats(total, beam_words, n):
-    """Set to -inf, in place, the score of every word that would complete an
-    n-gram its beam already contains. total: (images, k, vocabulary);
-    beam_words: (images, k, words so far)."""
-    length = beam_words.shape[2]
-    if length == 0 or (n > 1 and length < n):  # too few words to repeat an n-gram
-        return
-    # Every earlier window of n - 1 words that equals the last n - 1 words bans
-    # the word that followed it. For n = 1 the window is empty and every word
-    # used so far is banned.
-    context = beam_words[:, :, length - (n - 1):]                                   # (images, k, n - 1)
-    windows = np.lib.stride_tricks.sliding_window_view(beam_words[:, :, :length - 1], n - 1, axis=2) \
-        if n > 1 else np.zeros(beam_words.shape + (0,), dtype=beam_words.dtype)    # (images, k, W, n - 1)
-    images, beams, positions = np.nonzero((windows == context[:, :, None, :]).all(axis=3))
-    total[images, beams, beam_words[images, beams, positions + n - 1]] = -np.inf
-
-
 def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3,
                 length_alpha=DEFAULT_LENGTH_ALPHA, n_best=1, pad_id=PAD_ID, banned_ids=(),
                 return_attention=False, no_repeat_ngram=0):
@@ -255,6 +239,12 @@ def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3
     both readers and CIDEr-D dislike it. n = 1 forbids any repeated word; 0
     (the default) allows everything.
 
+    The search itself is beams.search_ops, in TensorFlow ops: the one beam search
+    of the package. A StepDecoder runs it as one compiled graph (traced once per
+    set of options, then one call per batch: no Python between the words), and
+    export.py saves that graph; a decoder written in plain Python (tests/test_decoding.py's)
+    runs the same ops eagerly, one step at a time.
+
     Returns, per image, a list of `Hypothesis` sorted by score, best first.
     With return_attention=True each also has `.attention`, one row of grid
     weights per word, carried along each beam's ancestry (notebook 06).
@@ -269,86 +259,58 @@ def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3
         raise ValueError(f"length_alpha must be >= 0, got {length_alpha}")
     if int(no_repeat_ngram) < 0:
         raise ValueError(f"no_repeat_ngram must be >= 0 (0 = allow repeats), got {no_repeat_ngram}")
-    no_repeat_ngram = int(no_repeat_ngram)
-    count, k = len(features), beam_width
-    if count == 0:
+    if len(features) == 0:
         return []
+    if return_attention and not getattr(decoder, "attends", hasattr(decoder, "last_attention")):
+        raise ValueError(NO_ATTENTION)
+    options = dict(start_id=int(start_id), end_id=int(end_id), max_length=int(max_length), beam_width=beam_width,
+                   no_repeat_ngram=int(no_repeat_ngram), banned_ids=tuple(_banned(start_id, end_id, pad_id, banned_ids)),
+                   return_attention=bool(return_attention))
+    divisors = tf.constant(length_divisors(max_length, length_alpha))
+    if hasattr(decoder, "compiled_searches"):  # a StepDecoder: the compiled search
+        found = _compiled_search(decoder, options)(tf.constant(decoder.features(features)), divisors)
+    else:
+        initial, step = _python_steps(decoder)
+        memory = tf.nest.map_structure(tf.constant, _remember(decoder, features))
+        found = search_ops(initial, step, tf.constant(features), divisors=divisors, memory=memory, **options)
+    found = {key: value.numpy() for key, value in found.items()}
+    possible = found["scores"] > -np.inf
+    return [[Hypothesis(ids=found["ids"][image, j, :length].tolist(), log_prob=float(found["log_probs"][image, j]),
+                        score=float(found["scores"][image, j]),
+                        attention=found["attention"][image, j, :length] if return_attention else None)
+             for j, length in enumerate(found["lengths"][image, :n_best]) if possible[image, j]]
+            for image in range(len(features))]
 
-    # Flatten images x beams into rows: row i * k + b is beam b of image i.
-    # Every beam of an image starts from the same state; only beam 0 is live
-    # at first (the others score -inf), so the first step does not yield k
-    # copies of the same word.
-    states = [np.repeat(np.asarray(state), k, axis=0) for state in decoder.initial_state(features)]
-    row_features = _repeat_rows(_remember(decoder, features), k)  # the per-image work once, then per beam
-    beam_log_probs = np.full((count, k), -np.inf)
-    beam_log_probs[:, 0] = 0.0
-    beam_words = np.zeros((count, k, 0), dtype=np.int64)  # the words so far, per beam
-    words = np.full(count * k, start_id, dtype=np.int32)
-    finished = [[] for _ in range(count)]  # per image: (score, log_prob, ids, attention)
-    beam_attention = None  # (count, k, words so far, L), with return_attention
-    done = np.zeros(count, dtype=bool)
-    banned = _banned(start_id, end_id, pad_id, banned_ids)
-    images = np.arange(count)[:, None]
 
-    for length in range(1, int(max_length) + 1):
-        log_probs, states = _step(decoder, words, states, row_features, banned)
-        vocab_size = log_probs.shape[1]
-        if return_attention:
-            weights = _attention(decoder, count * k).reshape(count, k, -1)
-            if beam_attention is None:
-                beam_attention = np.zeros((count, k, 0, weights.shape[2]), dtype=np.float32)
-        total = beam_log_probs[:, :, None] + log_probs.reshape(count, k, vocab_size)
-        if no_repeat_ngram:
-            _ban_repeats(total, beam_words, no_repeat_ngram)
-        total[done] = -np.inf  # done images take no further part
-        # The best 2k candidates: at most k of them end (one per beam), so at
-        # least k remain to continue.
-        top = _top_candidates(total.reshape(count, k * vocab_size), 2 * k)
-        top_log_probs = np.take_along_axis(total.reshape(count, -1), top, axis=1)
-        top_beams, top_tokens = top // vocab_size, top % vocab_size
+def _compiled_search(decoder, options):
+    """The StepDecoder's compiled search for these options, made on first use. One per beam width
+    and repeat ban (the length alpha is an input): the first call traces it (a few seconds),
+    every later one is a single call, for any batch size. Kept on the decoder, so that they go
+    when it goes."""
+    searches = decoder.compiled_searches
+    key = tuple(sorted(options.items()))
+    if key not in searches:
+        def search(features, divisors):
+            return search_ops(decoder._initial_graph, decoder._step_graph, features, divisors=divisors,
+                              memory=decoder._memory_graph(features), **options)
+        # A partial, so that TensorFlow counts each search's traces apart (see StepDecoder.__init__).
+        specs = [tf.TensorSpec((None, *decoder.image_shape), tf.float32),
+                 tf.TensorSpec((options["max_length"] + 1,), tf.float64)]
+        searches[key] = tf.function(functools.partial(search), input_signature=specs)
+    return searches[key]
 
-        last_step = length == int(max_length)
-        # Set aside what finishes: candidates in an image's top k that end, or,
-        # at the last step, that image's top k whatever they are.
-        finishing = np.isfinite(top_log_probs) & (np.arange(top.shape[1]) < k)
-        if not last_step:
-            finishing &= top_tokens == end_id
-        for image, position in zip(*np.nonzero(finishing)):
-            beam = top_beams[image, position]
-            ids = beam_words[image, beam].tolist()
-            token = int(top_tokens[image, position])
-            attention = beam_attention[image, beam] if return_attention else None
-            if token != end_id:
-                ids.append(token)  # reached max_length words without <end>
-                if return_attention:
-                    attention = np.concatenate([attention, weights[image, beam][None]])
-            log_prob = float(top_log_probs[image, position])
-            finished[image].append((length_normalised(log_prob, length, length_alpha), log_prob, ids, attention))
-        for image in np.flatnonzero(finishing.any(axis=1)):
-            finished[image].sort(key=lambda hypothesis: -hypothesis[0])
-            del finished[image][k:]  # only the best k can ever be returned
-            done[image] |= len(finished[image]) >= k
-        if last_step or done.all():
-            break
 
-        # The next beams: each image's k best candidates that do not end.
-        # A stable sort on "ends?" moves them to the front, keeping their order.
-        continuing = np.argsort(top_tokens == end_id, axis=1, kind="stable")[:, :k]
-        chosen_beams = np.take_along_axis(top_beams, continuing, axis=1)
-        chosen_tokens = np.take_along_axis(top_tokens, continuing, axis=1)
-        beam_log_probs = np.take_along_axis(top_log_probs, continuing, axis=1)
-        beam_words = np.concatenate([beam_words[images, chosen_beams], chosen_tokens[:, :, None]], axis=2)
-        if return_attention:  # each new beam: its parent's weights, then this step's
-            beam_attention = np.concatenate([beam_attention[images, chosen_beams],
-                                             weights[images, chosen_beams][:, :, None]], axis=2)
-        # Each new beam carries on from its parent's recurrent state: gather
-        # the parent rows (numpy indexing, no model call).
-        parent_rows = (images * k + chosen_beams).reshape(-1)
-        states = [state[parent_rows] for state in states]
-        words = chosen_tokens.reshape(-1).astype(np.int32)
+def _python_steps(decoder):
+    """initial and step for search_ops from a decoder of plain Python (numpy in, numpy out)."""
+    def initial(features):
+        return [tf.constant(np.asarray(state)) for state in decoder.initial_state(features.numpy())]
 
-    return [
-        [Hypothesis(ids=ids, log_prob=log_prob, score=score, attention=attention)
-         for score, log_prob, ids, attention in image_finished[:n_best]]
-        for image_finished in finished
-    ]
+    def step(words, states, memory):
+        log_probs, states = decoder.step(words.numpy(), [state.numpy() for state in states],
+                                         tf.nest.map_structure(lambda part: part.numpy(), memory))
+        weights = getattr(decoder, "last_attention", None)
+        rows = len(log_probs)
+        weights = np.zeros((rows, 0)) if weights is None else np.asarray(weights, dtype=np.float32).reshape(rows, -1)
+        return (tf.constant(np.asarray(log_probs, dtype=np.float32)), tf.constant(weights, tf.float32),
+                [tf.constant(np.asarray(state)) for state in states])
+    return initial, step

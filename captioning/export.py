@@ -1,8 +1,8 @@
 """Export a trained bundle so that it captions photos without this package (notebook 04).
 
-A bundle (bundle.py) only runs here: beam search is Python (decoding.py)
-around a Keras step model. `export_bundle` writes everything, from the JPEG
-bytes to the caption string, as one TensorFlow graph:
+A bundle (bundle.py) only runs here: its encoder, vocabulary and model are
+put together by this package's Python. `export_bundle` writes everything, from
+the JPEG bytes to the caption string, as one TensorFlow graph:
 
     savedmodel  a TensorFlow SavedModel whose `serving_default` signature takes
                 a 1-D tf.string batch of encoded photos (JPEG, PNG, GIF, BMP)
@@ -14,8 +14,9 @@ bytes to the caption string, as one TensorFlow graph:
                 empty batch gives empty outputs.
                 In the graph: decoding and resizing the photo exactly as
                 images.py does, the encoder CNN (and its mirror averaging, if used),
-                the decoder, beam search in a tf.while_loop with the
-                bundle's decoding settings, and the vocabulary. Plain
+                the decoder, beam search (beams.search_ops, the one
+                `caption` runs) with the bundle's decoding settings,
+                and the vocabulary. Plain
                 TensorFlow loads it: tf.saved_model.load(DIR).signatures[
                 "serving_default"](images=tf.constant([jpeg_bytes])).
     litert      model.tflite for the LiteRT interpreter (pip ai-edge-litert),
@@ -60,115 +61,13 @@ tf = quiet_tensorflow()
 
 from captioning import images as image_io  # noqa: E402
 from captioning.bundle import Captioner  # noqa: E402
+from captioning.beams import length_divisors, search_ops  # noqa: E402
 from captioning.decoding import DEFAULT_LENGTH_ALPHA, _banned  # noqa: E402
 from captioning.encoders import IDENTITY, build_encoder_like  # noqa: E402
 from captioning.fileio import write_json_atomic  # noqa: E402
-from captioning.vocab import PAD_ID  # noqa: E402
 
 FORMATS = ("savedmodel", "litert")
 MARKER = "export.json"
-
-
-# --- beam search as TensorFlow ops --------------------------------------------
-
-def _shifted(words, offset):
-    """words[:, :, p + offset] at position p, -1 past the end."""
-    return tf.pad(words[:, :, offset:], [[0, 0], [0, 0], [0, offset]], constant_values=-1)
-
-
-def _repeats(beam_words, t, n, vocab_size):
-    """decoding._ban_repeats as a mask: (images, k, vocabulary) True where a word would
-    complete an n-gram its beam already holds. beam_words: (images, k, max_length), t words so far."""
-    # The n - 1 words from position p on match the last n - 1 words: ban word p + n - 1.
-    match = tf.broadcast_to(tf.range(tf.shape(beam_words)[2]) <= t - n, tf.shape(beam_words))
-    for j in range(n - 1):
-        context = tf.gather(beam_words, tf.maximum(t - (n - 1) + j, 0), axis=2)
-        match &= tf.equal(_shifted(beam_words, j), context[:, :, None])
-    hits = tf.where(match)  # (hits, 3): image, beam, position
-    banned = tf.cast(tf.gather_nd(_shifted(beam_words, n - 1), hits), tf.int64)
-    shape = tf.cast(tf.concat([tf.shape(beam_words)[:2], [vocab_size]], 0), tf.int64)
-    return tf.scatter_nd(tf.concat([hits[:, :2], banned[:, None]], 1), tf.ones_like(banned, tf.int32), shape) > 0
-
-
-def _at(words, t, tokens):
-    """words (images, k, max_length) with tokens (images, k) written at position t."""
-    return tf.where(tf.range(tf.shape(words)[2]) == t, tokens[:, :, None], words)
-
-
-def beam_search_graph(initial, step, features, *, vocab_size, start_id, end_id, max_length, beam_width=3,
-                      length_alpha=DEFAULT_LENGTH_ALPHA, no_repeat_ngram=0, pad_id=PAD_ID, banned_ids=(),
-                      dtype=tf.float64, memory=None):
-    """decoding.beam_search (n_best=1) in TensorFlow ops, for a tf.function.
-
-    `initial(features)` -> states; `step(words, states, features)` ->
-    (log_probs float32 (rows, vocabulary), new states); with `memory` (what
-    StepDecoder computes from each image once), step reads its rows instead
-    of the features'. Returns the best
-    hypothesis of each image: ids (N, max_length) int32 padded with 0,
-    their count (N,), and scores (N,). Every array the Python version grows
-    has a fixed size here (max_length words, k finished slots), so that the
-    loop's shapes never change. Log-probabilities add up in `dtype`:
-    float64 as numpy does (tf.math.top_k breaks ties to the lower index, as
-    decoding._top_candidates does).
-    """
-    k, n, vocab_size, max_length = int(beam_width), int(no_repeat_ngram), int(vocab_size), int(max_length)
-    how_many = min(2 * k, k * vocab_size)
-    count = features.shape[0] or tf.shape(features)[0]  # a fixed batch keeps every shape static (LiteRT)
-    banned = tf.constant(np.isin(np.arange(vocab_size), _banned(start_id, end_id, pad_id, banned_ids)))
-    # length_normalised's divisors, computed by Python so the scores match it to the bit.
-    divisors = tf.constant([max(length, 1) ** length_alpha for length in range(max_length + 1)], dtype)
-    # -inf marks what cannot be chosen, as in numpy. The TFLite converter turns an -inf
-    # constant into the lowest float, which is finite: so "possible" is "above half of that".
-    impossible = tf.constant(-np.inf if dtype == tf.float64 else dtype.min, dtype)
-
-    def possible(values):
-        return values > impossible / 2
-
-    # Row i * k + b is beam b of image i.
-    row_features = tf.nest.map_structure(lambda part: tf.repeat(part, k, axis=0), features if memory is None else memory)
-
-    def body(t, words, states, beam_log_probs, beam_words, finished, done):
-        log_probs, states = step(words, states, row_features)
-        log_probs = tf.where(banned, tf.cast(impossible, log_probs.dtype), log_probs)
-        total = beam_log_probs[:, :, None] + tf.cast(tf.reshape(log_probs, (count, k, vocab_size)), dtype)
-        if n:
-            total = tf.where(_repeats(beam_words, t, n, vocab_size), impossible, total)
-        total = tf.where(done[:, None, None], impossible, total)  # done images take no further part
-        top_log_probs, top = tf.math.top_k(tf.reshape(total, (count, k * vocab_size)), how_many)
-        top_beams, top_tokens = top // vocab_size, top % vocab_size
-        ends = tf.equal(top_tokens, end_id)
-
-        # Set aside what finishes: candidates in the top k that end, or at the last step the top k.
-        finishing = possible(top_log_probs[:, :k]) & (ends[:, :k] | tf.equal(t + 1, max_length))
-        parents = tf.gather(beam_words, top_beams[:, :k], batch_dims=1)
-        new = {"scores": tf.where(finishing, top_log_probs[:, :k] / divisors[t + 1], impossible),
-               "ids": tf.where(ends[:, :k, None], parents, _at(parents, t, top_tokens[:, :k])),
-               "lengths": t + tf.cast(~ends[:, :k], tf.int32)}
-        # Keep the best k, finished earlier first on equal scores: top_k is the stable sort.
-        merged = {key: tf.concat([finished[key], new[key]], axis=1) for key in finished}
-        best = tf.math.top_k(merged["scores"], k).indices
-        finished = {key: tf.gather(value, best, batch_dims=1) for key, value in merged.items()}
-        done |= tf.reduce_sum(tf.cast(possible(finished["scores"]), tf.int32), axis=1) >= k
-
-        # The next beams: the k best candidates that do not end, in order.
-        continuing = tf.argsort(tf.cast(ends, tf.int32) * how_many + tf.range(how_many), axis=1)[:, :k]
-        chosen_beams = tf.gather(top_beams, continuing, batch_dims=1)
-        chosen_tokens = tf.gather(top_tokens, continuing, batch_dims=1)
-        parent_rows = tf.reshape(tf.range(count)[:, None] * k + chosen_beams, [-1])
-        return (t + 1, tf.reshape(chosen_tokens, [-1]), [tf.gather(state, parent_rows) for state in states],
-                tf.gather(top_log_probs, continuing, batch_dims=1),
-                _at(tf.gather(beam_words, chosen_beams, batch_dims=1), t, chosen_tokens), finished, done)
-
-    # Only beam 0 is live at first (the others score -inf): no k copies of the first word.
-    beam_log_probs = tf.concat([tf.zeros((count, 1), dtype), tf.fill((count, k - 1), impossible)], axis=1)
-    no_words = tf.zeros((count, k, max_length), tf.int32)
-    finished = {"scores": tf.fill((count, k), impossible), "ids": no_words, "lengths": tf.zeros((count, k), tf.int32)}
-    start = (tf.constant(0), tf.fill((count * k,), start_id),
-             [tf.repeat(state, k, axis=0) for state in initial(features)],
-             beam_log_probs, no_words, finished, tf.zeros((count,), tf.bool))
-    result = tf.while_loop(lambda t, *rest: (t < max_length) & ~tf.reduce_all(rest[-1]), body, start)
-    finished = result[5]
-    return finished["ids"][:, 0], finished["lengths"][:, 0], finished["scores"][:, 0]
 
 
 # --- the graphs we export ------------------------------------------------------
@@ -185,15 +84,13 @@ def graph_search(captioner, beam_width=3, dtype=tf.float64):
     if beam_width == 1:
         options = {}  # greedy decoding takes neither length_alpha nor no_repeat_ngram
 
-    def step(words, states, memory):
-        log_probs, _, states = decoder._step_graph(words, states, memory)
-        return log_probs, states
-
     def search(features):
-        return beam_search_graph(decoder._initial_graph, step, features, vocab_size=decoder.vocab_size,
-                                 start_id=vocab.start_id, end_id=vocab.end_id, max_length=vocab.max_length,
-                                 beam_width=beam_width, pad_id=vocab.pad_id, banned_ids=banned, dtype=dtype,
-                                 memory=decoder._memory_graph(features), **options)
+        found = search_ops(decoder._initial_graph, decoder._step_graph, features, start_id=vocab.start_id,
+                           end_id=vocab.end_id, max_length=vocab.max_length, beam_width=beam_width, dtype=dtype,
+                           banned_ids=_banned(vocab.start_id, vocab.end_id, vocab.pad_id, banned),
+                           divisors=length_divisors(vocab.max_length, options.get("length_alpha", DEFAULT_LENGTH_ALPHA)),
+                           no_repeat_ngram=options.get("no_repeat_ngram", 0), memory=decoder._memory_graph(features))
+        return found["ids"][:, 0], found["lengths"][:, 0], found["scores"][:, 0]  # the best of each image
     return search
 
 

@@ -76,14 +76,23 @@ def test_remembering_each_image_once_decodes_exactly_as_recomputing_it_every_wor
     monkeypatch.setattr(decoder, "remember", lambda features: remembered.append(len(features)) or original(features))
     options = dict(start_id=1, end_id=2, max_length=LENGTH)
     fast = beam_search(decoder, grids, beam_width=3, n_best=2, return_attention=True, **options)
-    assert remembered == [5]  # once per image, not once per word, per beam
+    # The compiled search computes the memory in its graph, once, before the loop over the words:
+    # the image_memory model's ops are in the graph, and none of them in the loop's body.
+    (search,) = decoder.compiled_searches.values()
+    graph = search.get_concrete_function().graph.as_graph_def()
+    assert any(node.name.startswith("image_memory") for node in graph.node)
+    bodies = [function for function in graph.library.function if "while_body" in function.signature.name]
+    assert bodies and not any("image_memory" in node.name for body in bodies for node in body.node_def)
     slow = beam_search(PerWordDecoder(decoder), grids, beam_width=3, n_best=2, return_attention=True, **options)
-    assert remembered[1:] == [15] * (len(remembered) - 1) and len(remembered) > 2  # 5 images x 3 beams, every word
+    assert remembered == [15] * len(remembered) and len(remembered) > 1  # 5 images x 3 beams, every word
     for fast_image, slow_image in zip(fast, slow):
         for a, b in zip(fast_image, slow_image):
             assert a.ids == b.ids and a.log_prob == pytest.approx(b.log_prob, abs=1e-5)
             np.testing.assert_allclose(a.attention, b.attention, atol=1e-6)
-    assert greedy_decode(decoder, grids, **options) == greedy_decode(PerWordDecoder(decoder), grids, **options)
+    remembered.clear()
+    greedy = greedy_decode(decoder, grids, **options)
+    assert remembered == [5]  # once per image, not once per word
+    assert greedy == greedy_decode(PerWordDecoder(decoder), grids, **options)
     assert sample_decode(decoder, np.repeat(grids, 4, axis=0), seed=3, **options) == \
         sample_decode(PerWordDecoder(decoder), np.repeat(grids, 4, axis=0), seed=3, **options)
     # What is remembered: the projected regions and their attention keys, one row per image.

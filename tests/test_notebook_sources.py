@@ -182,7 +182,7 @@ CODE_IN_VIEW = {
            "captioning.models.pre_inject_start", "captioning.models.read_from",
            "captioning.self_critical.self_critical_epoch"},
     "04": {"captioning.architectures.StepDecoder.__init__", "captioning.architectures.StepDecoder.step",
-           "captioning.decoding._word_by_word", "captioning.decoding.beam_search"},
+           "captioning.decoding._word_by_word", "captioning.beams.search_ops"},
     "06": {"captioning.attention.AttentionDecoder.attend", "captioning.attention.AttentionDecoder.call",
            "captioning.attention.attention"},
 }
