@@ -61,6 +61,16 @@ def write_photos(folder, count):
     return {f"{i:03d}": str(write_photo(folder / f"{i:03d}.jpg", i)) for i in range(count)}
 
 
+def cached(tiny, tmp_path, count):
+    """`count` photos cached by the tiny encoder: (photos, cache folder, options, each photo's row)."""
+    photos = write_photos(tmp_path / "images", count)
+    cache = tmp_path / "cache"
+    options = dict(encoder=tiny, batch_size=4, progress=False)
+    cache_features(photos, cache, **options)
+    store = FeatureStore.open(cache)
+    return photos, cache, options, {image_id: store.get(image_id) for image_id in store.ids}
+
+
 def folder_bytes(folder):
     return {path.name: path.read_bytes() for path in sorted(Path(folder).iterdir()) if path.is_file()}
 
@@ -133,12 +143,7 @@ def test_a_second_process_waits_for_the_one_caching_then_only_checks_its_work(ti
 
 
 def test_photos_no_longer_asked_for_are_dropped_and_deleted_ones_reported(tiny, tmp_path, capsys):
-    photos = write_photos(tmp_path / "images", 10)
-    cache = tmp_path / "cache"
-    options = dict(encoder=tiny, batch_size=4, progress=False)
-    cache_features(photos, cache, **options)
-    whole = FeatureStore.open(cache)
-    rows = {image_id: whole.get(image_id) for image_id in whole.ids}
+    photos, cache, options, rows = cached(tiny, tmp_path, 10)
 
     fewer = {image_id: path for image_id, path in photos.items() if image_id not in ("002", "007")}
     capsys.readouterr()
@@ -170,13 +175,7 @@ def test_photos_no_longer_asked_for_are_dropped_and_deleted_ones_reported(tiny, 
 
 
 def test_a_damaged_manifest_says_what_to_do_and_the_rerun_encodes_again(tiny, tmp_path, capsys):
-    photos = write_photos(tmp_path / "images", 6)
-    cache = tmp_path / "cache"
-    options = dict(encoder=tiny, batch_size=4, progress=False)
-    cache_features(photos, cache, **options)
-    before = FeatureStore.open(cache)
-    rows = {image_id: before.get(image_id) for image_id in before.ids}
-    del before
+    photos, cache, options, rows = cached(tiny, tmp_path, 6)
     manifest = cache / "manifest.json"
     manifest.write_bytes(manifest.read_bytes()[:40])  # cut short, as by a full disk or a copy stopped half-way
 
