@@ -79,7 +79,8 @@ def main(argv=None):
         found = every_word_search(tf.constant(grids))
         return [ids[0, :length[0]].tolist() for ids, length in zip(found["ids"].numpy(), found["lengths"].numpy())]
     jobs = {  # name: {way: job}
-        "sampling": {"remembered": lambda: sample_decode(decoder, repeated, seed=0, **options),
+        # Sampling as fine-tuning does it: the regions and keys once per photo, then repeated for its samples.
+        "sampling": {"remembered": lambda: sample_decode(decoder, grids, samples=args.samples, seed=0, **options),
                      "every word": lambda: sample_decode(EveryWord(decoder), repeated, seed=0, **options)},
         # Beam search is one compiled graph either way (beams.py): remembered (as beam_search runs it) or with a
         # step that computes the regions and keys from the grid at every word.

@@ -110,11 +110,11 @@ def _remember(decoder, features):
     return remember(features) if remember is not None else features
 
 
-def _repeat_rows(memory, k):
-    """Each image's row k times (its beams), for an array or a list of arrays."""
-    if isinstance(memory, list):
-        return [np.repeat(part, k, axis=0) for part in memory]
-    return np.repeat(memory, k, axis=0)
+def _repeat_rows(rows, repeats):
+    """Each row `repeats` times in a row (image after image), for an array or a list of arrays."""
+    if isinstance(rows, list):
+        return [np.repeat(np.asarray(part), repeats, axis=0) for part in rows]
+    return np.repeat(rows, repeats, axis=0)
 
 
 NO_ATTENTION = ("return_attention=True needs a decoder with attention weights (`last_attention`): only the "
@@ -139,18 +139,23 @@ def _banned(start_id, end_id, pad_id, banned_ids):
 # --- greedy ----------------------------------------------------------------------
 
 def _word_by_word(decoder, features, choose, *, start_id, end_id, max_length, pad_id, banned_ids,
-                  return_attention=False):
-    """The loop that greedy and sampled decoding share: feed every image its last word,
-    let `choose` pick each row's next word from the (images, vocabulary)
-    log-probabilities, stop a row at <end>. Returns the captions (lists of word ids)
-    and, with return_attention, one (len(ids), L) array of attention weights per image."""
+                  return_attention=False, repeats=1):
+    """The loop that greedy and sampled decoding share: feed every row its last word,
+    let `choose` pick each row's next word from the (rows, vocabulary)
+    log-probabilities, stop a row at <end>. Each image has `repeats` rows, one after
+    the other. Returns the captions (lists of word ids), one per row, and, with
+    return_attention, one (len(ids), L) array of attention weights per row."""
     features = _check(features, start_id, end_id, max_length)
-    count = len(features)
+    count = len(features) * repeats
     captions, attention = [[] for _ in range(count)], [[] for _ in range(count)]
     if count == 0:
         return captions, attention
-    states = [np.asarray(state) for state in decoder.initial_state(features)]
-    features = _remember(decoder, features)  # once per image, not once per word
+    # Once per image, not once per word nor once per row: the initial states and what
+    # the steps read of the image (attention's regions and keys), then repeated.
+    states = _repeat_rows([np.asarray(state) for state in decoder.initial_state(features)], repeats)
+    features = _remember(decoder, features)
+    if repeats > 1:
+        features = _repeat_rows(features, repeats)
     words = np.full(count, start_id, dtype=np.int32)
     finished = np.zeros(count, dtype=bool)
     banned = _banned(start_id, end_id, pad_id, banned_ids)
@@ -191,14 +196,19 @@ def greedy_decode(decoder, features, *, start_id, end_id, max_length, pad_id=PAD
 # --- sampling --------------------------------------------------------------------
 
 def sample_decode(decoder, features, *, start_id, end_id, max_length, temperature=1.0, seed=None,
-                  pad_id=PAD_ID, banned_ids=()):
+                  pad_id=PAD_ID, banned_ids=(), samples=1):
     """Caption each image by drawing every word at random from the model (notebook 04).
 
     The temperature reshapes the distribution: below 1 it sharpens towards
     greedy, above 1 it flattens towards uniform. Same seed, same captions.
+    `samples` captions per image (self-critical fine-tuning draws five, notebook 03)
+    come image after image; they are drawn as from the image's row repeated
+    `samples` times, but what is computed from the image itself is computed once.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    if int(samples) < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
     random = np.random.default_rng(seed)
 
     def draw(log_probs):
@@ -206,7 +216,7 @@ def sample_decode(decoder, features, *, start_id, end_id, max_length, temperatur
         # softmax(log p / T), for every row at once, with no normalising.
         return (log_probs / temperature + random.gumbel(size=log_probs.shape)).argmax(axis=1)
     captions, _ = _word_by_word(decoder, features, draw, start_id=start_id, end_id=end_id, max_length=max_length,
-                                pad_id=pad_id, banned_ids=banned_ids)
+                                pad_id=pad_id, banned_ids=banned_ids, repeats=int(samples))
     return captions
 
 

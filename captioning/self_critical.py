@@ -83,13 +83,14 @@ def validation_cider(decoder, vocab, features, references, *, chunk=128, **beam_
 
 def _sample(decoder, vocab, features, samples, seed, chunk=128):
     """`samples` captions per image, image after image; sampled a chunk of images at a time
-    so that repeated features (grids, for attention) never fill the memory."""
+    so that what the steps read of each sample's image (attention's regions and keys) never
+    fills the memory."""
     rows = []
     for first in range(0, len(features), chunk):
         stop_if_asked()  # Ctrl-C stops between chunks (interrupts.py)
-        repeated = np.repeat(np.asarray(features[first:first + chunk], dtype=np.float32), samples, axis=0)
-        rows += sample_decode(decoder, repeated, start_id=vocab.start_id, end_id=vocab.end_id,
-                              max_length=vocab.max_length, seed=seed + first, banned_ids=[vocab.unk_id])
+        rows += sample_decode(decoder, np.asarray(features[first:first + chunk], dtype=np.float32), samples=samples,
+                              start_id=vocab.start_id, end_id=vocab.end_id, max_length=vocab.max_length,
+                              seed=seed + first, banned_ids=[vocab.unk_id])
     return rows
 
 

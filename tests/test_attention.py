@@ -93,8 +93,14 @@ def test_remembering_each_image_once_decodes_exactly_as_recomputing_it_every_wor
     greedy = greedy_decode(decoder, grids, **options)
     assert remembered == [5]  # once per image, not once per word
     assert greedy == greedy_decode(PerWordDecoder(decoder), grids, **options)
-    assert sample_decode(decoder, np.repeat(grids, 4, axis=0), seed=3, **options) == \
-        sample_decode(PerWordDecoder(decoder), np.repeat(grids, 4, axis=0), seed=3, **options)
+    repeated = sample_decode(decoder, np.repeat(grids, 4, axis=0), seed=3, **options)
+    assert repeated == sample_decode(PerWordDecoder(decoder), np.repeat(grids, 4, axis=0), seed=3, **options)
+    # Four samples per image (self-critical fine-tuning's way): the image's memory is computed
+    # once, not once per sample, and the draws are those of the image's row repeated four times.
+    remembered.clear()
+    assert sample_decode(decoder, grids, samples=4, seed=3, **options) == repeated
+    assert remembered == [5]
+    assert len(set(map(tuple, repeated))) > 5  # the samples of an image do differ
     # What is remembered: the projected regions and their attention keys, one row per image.
     regions, keys = original(grids)
     assert regions.shape == (5, 16, 8) and keys.shape == (5, 16, 8)

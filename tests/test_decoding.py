@@ -269,6 +269,10 @@ def test_sampling_is_seeded_and_follows_the_temperature(features):
     first = sample_decode(decoder, features, seed=11, **options)
     assert sample_decode(decoder, features, seed=11, **options) == first
     assert any(sample_decode(decoder, features, seed=seed, **options) != first for seed in (12, 13))
+    # samples=3: three captions per image, image after image, drawn as from each row repeated three times.
+    three = sample_decode(decoder, features, samples=3, seed=11, **options)
+    assert three == sample_decode(decoder, np.repeat(features, 3, axis=0), seed=11, **options)
+    assert len(three) == 3 * len(features) and three[0::3] != three[1::3]
     # Temperature -> 0 is greedy.
     assert sample_decode(decoder, features, temperature=1e-4, seed=0, **options) == greedy_decode(
         decoder, features, **options)
@@ -291,6 +295,8 @@ def test_bad_arguments_are_refused(features):
         beam_search(decoder, features, beam_width=0, **options)
     with pytest.raises(ValueError, match="temperature"):
         sample_decode(decoder, features, temperature=0, **options)
+    with pytest.raises(ValueError, match="samples"):
+        sample_decode(decoder, features, samples=0, **options)
     with pytest.raises(ValueError, match="max_length"):
         greedy_decode(decoder, features, start_id=START, end_id=END, max_length=0)
     assert beam_search(decoder, features[:0], **options) == []
