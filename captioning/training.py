@@ -229,9 +229,16 @@ def make_dataset(features, rows, sequences, *, batch_size=64, shuffle=True, seed
                                               [batch_size] * (len(boundaries) + 1))
     else:
         data = data.batch(batch_size)
+    # tf.data's autotuner, on by default, sometimes left a whole epoch of attention training on
+    # one core of two: 0.69 s a step instead of 0.35, in about half the epochs on two 2-core
+    # machines (benchmarks/input_pipeline.py). Off, AUTOTUNE below means tf.data's fixed
+    # defaults; the batches are the same, and no epoch was slow.
+    options = tf.data.Options()
+    options.autotune.enabled = False
     return (data
             .map(to_model_inputs, num_parallel_calls=tf.data.AUTOTUNE)
-            .prefetch(tf.data.AUTOTUNE))
+            .prefetch(tf.data.AUTOTUNE)
+            .with_options(options))
 
 
 def real_tokens(sequences, axis=None):

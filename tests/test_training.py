@@ -247,6 +247,26 @@ def test_dataset_over_a_feature_store_reads_each_batch_and_equals_the_array(tmp_
     assert reads and max(reads) <= 5  # one batch's rows per read, never the whole store
 
 
+def test_dataset_turns_the_autotuner_off_and_gives_the_batches_it_gave_with_it_on(tmp_path):
+    # Off because it sometimes ran a whole epoch on one core of two (benchmarks/input_pipeline.py);
+    # what must not change is the batches, epoch after epoch (the draw of every seeded run).
+    rng = np.random.default_rng(1)
+    grids = rng.normal(size=(9, 2, 3, 4)).astype("float16")
+    store = write_store(tmp_path / "store", [f"image-{i}" for i in range(9)], grids)
+    _, captions = synthetic_captions(40, seed=2)
+    rows, sequences = rng.integers(9, size=40), synthetic_vocab().encode_batch(captions)
+    weights = rng.normal(size=40)
+    off = make_dataset(store, rows, sequences, batch_size=6, seed=4, weights=weights)
+    autotune_on = tf.data.Options()
+    autotune_on.autotune.enabled = True  # tf.data's default; a later with_options wins
+    on = make_dataset(store, rows, sequences, batch_size=6, seed=4, weights=weights).with_options(autotune_on)
+    assert off.options().autotune.enabled is False and on.options().autotune.enabled is True
+    for _ in range(2):  # two epochs: the shuffle moves on between them, the same way for both
+        for got, expected in zip(off.as_numpy_iterator(), on.as_numpy_iterator(), strict=True):
+            for got_part, expected_part in zip(tf.nest.flatten(got), tf.nest.flatten(expected), strict=True):
+                np.testing.assert_array_equal(got_part, expected_part)
+
+
 def test_caption_arrays_keeps_the_features_in_the_store(tmp_path):
     import pandas as pd
     from captioning.pipeline import caption_arrays
