@@ -52,10 +52,13 @@ class RepeatPerStep(keras.layers.Layer):
 
     Keras's RepeatVector wants the number of steps when the model is built; a batch here is as
     long as its longest caption (training.make_dataset), so the steps are read from the sequence.
+    broadcast_to, not tile: the same numbers forward and back, but tile's gradient made TensorFlow
+    log an "E0000 ... oneDNN supports DT_INT32 only" line in the middle of par-inject's training.
     """
 
     def call(self, vector, sequence):
-        return keras.ops.tile(keras.ops.expand_dims(vector, 1), (1, keras.ops.shape(sequence)[1], 1))
+        batch, steps = keras.ops.shape(sequence)[0], keras.ops.shape(sequence)[1]
+        return keras.ops.broadcast_to(keras.ops.expand_dims(vector, 1), (batch, steps, vector.shape[-1]))
 
     def compute_output_shape(self, vector_shape, sequence_shape):
         return (vector_shape[0], sequence_shape[1], vector_shape[-1])

@@ -78,6 +78,10 @@ def assert_taught(runs):
         assert figures, f"{path.name} explains with at least one plot"
         text = notebook_text(path)
         assert "Traceback" not in text and "oneDNN custom operations" not in text, path.name
+        # TensorFlow's C++ log lines ("E0000 00:00:1796593566.556060   17088 util.cc:131] oneDNN supports ...")
+        # are noise to a learner, whatever their level: par-inject's training printed one in notebook 05.
+        logged = re.findall(r"^[IWEF]\d{4} [\d:.]+\s+\d+ \S+\.cc:\d+\].*$", text, flags=re.MULTILINE)
+        assert not logged, f"{path.name}: {logged}"
     return executed
 
 
