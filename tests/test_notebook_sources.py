@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+SOLUTIONS = sorted((Path(__file__).resolve().parent.parent / "notebooks" / "solutions").glob("[0-9][0-9]_*.ipynb"))
 
 
 def _code_cells(path):
@@ -127,6 +128,35 @@ def test_the_check_finds_a_loop_that_replaces_a_parameter(tmp_path):
     assert parameters_rebound(path) == ["99_example.ipynb: cell 1, line 2 binds the parameter 'arch' (assignment)"]
 
 
+def parameters_unread(path):
+    """The parameters no cell after the parameters cell reads: `make demo PARAMS=name=value` would set
+    them and change nothing (a parameter added to the cell but never passed on, say to train_pipeline)."""
+    parameters, read = None, set()
+    for _, tags, source in _code_cells(path):
+        if "parameters" in tags:
+            parameters = [name for name, _, _ in _top_level_bindings(source)]
+        elif parameters is not None:
+            read |= {node.id for node in ast.walk(ast.parse(source))
+                     if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+    return [f"{path.name}: the parameter {name!r} is never read" for name in parameters or [] if name not in read]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda path: path.stem)
+def test_every_parameter_is_read(path):
+    assert parameters_unread(path) == []
+
+
+def test_the_check_finds_a_parameter_nothing_reads(tmp_path):
+    notebook = {"cells": [
+        {"cell_type": "code", "metadata": {}, "source": ["epochs = 1\n"]},  # before the parameters: not a read
+        {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": ["epochs = 4\n", "bucket_width = 4\n"]},
+        {"cell_type": "code", "metadata": {}, "source": ["train(epochs=epochs, bucket_width=None)\n"]},
+    ]}
+    path = tmp_path / "99_example.ipynb"
+    path.write_text(json.dumps(notebook))
+    assert parameters_unread(path) == ["99_example.ipynb: the parameter 'bucket_width' is never read"]
+
+
 def test_there_are_six_notebooks():
     assert [path.name[:2] for path in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
 
@@ -159,8 +189,6 @@ def test_committed_notebooks_carry_no_outputs_and_teach(path):
     assert "what to try" in "".join(cells[-1]["source"]).lower(), "a notebook ends with what to try"
     assert sum("parameters" in cell.get("metadata", {}).get("tags", []) for cell in cells) == 1
 
-
-SOLUTIONS = sorted((Path(__file__).resolve().parent.parent / "notebooks" / "solutions").glob("[0-9][0-9]_*.ipynb"))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda path: path.stem)
