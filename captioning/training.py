@@ -18,8 +18,9 @@ similar length and cut each batch to its longest caption, so that a batch of
 short captions takes a short step. The loss is the same per batch; what changes is which captions share one.
 This is sequence bucketing, tf.data's `bucket_by_sequence_length`. It is off
 in the presets: on eight paired seeds, buckets 4 words wide trained no better
-captioner (docs/experiments.md, "Length buckets"), and the course's rule keeps
-only what does. benchmarks/buckets.py measures what they save.
+merge captioner, and on four an attention captioner lower on every seed
+(docs/experiments.md, "Length buckets"); the course's rule keeps only what
+does better. benchmarks/buckets.py measures what they save.
 """
 
 import csv
@@ -52,7 +53,8 @@ from captioning.vocab import PAD_ID  # noqa: E402
 # the last 5 fine-tuning epochs' weights, and no repeated pair of words in beam
 # search (docs/experiments.md, "Quality after the architecture table").
 # Length buckets (bucket_width 4) read about 0.6 of the positions but did not
-# pass that rule (docs/experiments.md, "Length buckets"): both presets pad.
+# pass that rule for merge, and cost attention 0.025 CIDEr-D on four seeds
+# (docs/experiments.md, "Length buckets"): both presets pad.
 # `gpu-full` is for COCO (~118k images) on a GPU; its values are untested here.
 PRESETS = {
     "cpu-small": dict(embed_dim=256, units=256, rnn="lstm", dropout=0.5, word_dropout=0.35,
