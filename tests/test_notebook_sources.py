@@ -190,7 +190,6 @@ def test_committed_notebooks_carry_no_outputs_and_teach(path):
     assert sum("parameters" in cell.get("metadata", {}).get("tags", []) for cell in cells) == 1
 
 
-
 @pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda path: path.stem)
 def test_papermill_sees_every_parameter(path):
     """make demo passes a parameter only if papermill's inspection finds it in the parameters cell;
