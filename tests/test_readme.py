@@ -201,6 +201,7 @@ def test_offline_block_runs_the_six_notebooks_on_flickr8k(offline_demo):
     assert "Kernel is running over TCP" not in result.stdout + result.stderr  # local sockets: no network noise
     assert "650 captions of 130 images" in notebook_text(executed[1])
     assert_05_took_03s_merge_model(executed[4], offline_demo.work_dir)
+    assert_06_compared_with_05s_merge_model(executed[5], offline_demo.work_dir)
     assert_estimate_said_first(result.stdout, "photos with mobilenet_v2;")
 
 
@@ -245,6 +246,19 @@ def assert_05_took_03s_merge_model(notebook_05, work_dir):
     text = notebook_text(notebook_05)
     assert f"merge: teacher forcing: taking the model kept in {kept}" in text, text[-3000:]
     assert not any(f"{variant}: teacher forcing: taking" in text for variant in ("init-inject", "pre-inject", "par-inject"))
+
+
+def assert_06_compared_with_05s_merge_model(notebook_06, work_dir):
+    """Notebook 06 trains attention by teacher forcing only, as notebook 05 trained its four architectures, and
+    compares it with notebook 05's merge bundle, reused (not trained again) and scored where notebook 05 scored it."""
+    merge = Path(work_dir) / "experiment" / "flickr8k-mobilenet_v2-merge"
+    text = notebook_text(notebook_06)
+    assert f"merge: reusing {merge}: trained before with these settings and data" in text, text[-3000:]
+    assert "self-critical" not in text, text[-3000:]  # the fine-tuning's log lines
+    attention = json.loads((Path(work_dir) / "bundles" / "flickr8k-mobilenet_v2-attention" / "bundle.json").read_text())
+    assert "self_critical" not in attention["metrics"] and attention["training"]["self_critical_epochs"] == 0
+    scored = json.loads((merge / "eval-dev" / "metrics.json").read_text())
+    assert f"{scored['coco']['CIDEr']:.3f}" in text.split("merge: reusing")[-1]  # the table shows notebook 05's score
 
 
 def timeless(metrics):
