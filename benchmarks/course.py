@@ -48,7 +48,8 @@ exist to try the script quickly (with `--out` elsewhere): such a run is marked a
 `--tables` refuses it.
 
 Goals (issue 27, 2-core CPU): the whole course on the 875-photo sample <= 20 min; the tweak loop <= 3 min;
-attention fine-tuning: sampling time <= its gradient-step time per epoch.
+attention fine-tuning: sampling time <= its gradient-step time per epoch. Notebook 06 does not fine-tune by
+default: `--params "self_critical_epochs=10"` (with `--out` elsewhere) measures the last goal.
 """
 
 import argparse
@@ -98,7 +99,7 @@ WHERE_THE_TIME_GOES = {
     "03_training": "teacher forcing (early stopping), then 10 epochs of fine-tuning",
     "04_decoding": "the beam width sweep, the encoder for a new photo, the export",
     "05_evaluation": "training the three inject variants (merge is notebook 03's) and scoring all four",
-    "06_attention": "the grid cache, and the attention model's training and fine-tuning",
+    "06_attention": "the grid cache, and the attention model's teacher forcing (early stopping; no fine-tuning)",
 }
 
 
