@@ -99,7 +99,7 @@ WHERE_THE_TIME_GOES = {
     "03_training": "teacher forcing (early stopping), then 10 epochs of fine-tuning",
     "04_decoding": "the beam width sweep, the encoder for a new photo, the export",
     "05_evaluation": "training the three inject variants (merge is notebook 03's) and scoring all four",
-    "06_attention": "the grid cache, and the attention model's teacher forcing (early stopping; no fine-tuning)",
+    "06_attention": "the grid cache, and the attention model's teacher forcing, with early stopping and no fine-tuning",
 }
 
 
