@@ -85,7 +85,8 @@ def build_captioner(arch="merge", *, vocab_size, feature_shape, max_length, embe
     max_length + 1 (a batch is as long as its longest caption: training.make_dataset);
     output: next-word logits (batch, steps, vocab_size). feature_shape is (D,) for a
     pooled vector (an int will do) or (H, W, C) for a grid. `options` are the architecture's
-    own: merge_mode ("add" or "concat") for merge; attention_units and attention_penalty for attention.
+    own: merge_mode ("add" or "concat") for merge; attention_units, attention_penalty and grid_pool
+    (cells per side of a region) for attention.
     """
     spec = get(arch)
     feature_shape = (int(feature_shape),) if np.isscalar(feature_shape) else tuple(map(int, feature_shape))
@@ -127,8 +128,9 @@ class StepDecoder:
     `initial_state(features)` gives the RNN states before the first word;
     `step(words, states, features)` feeds one word per row and returns the next
     word's log-probabilities and the new states; after each step,
-    `last_attention` holds the weights over the grid (rows, L) for
-    architectures that attend, else None. `remember(features)` does once what
+    `last_attention` holds the weights over the image's regions (rows, L)
+    for architectures that attend, else None; `attention_size` is L (0 for
+    the others). `remember(features)` does once what
     every step needs of the images (an architecture's `remember`: attention's
     regions and keys); `step` takes what it returns in place of the features,
     and the decoders of decoding.py pass it so. All are tf.functions with a
@@ -159,6 +161,7 @@ class StepDecoder:
             memory = [keras.Input(tuple(part.shape[1:]), name=f"memory_{i}") for i, part in enumerate(parts)]
             logits, new_states, *attention_weights = spec.recall(layers, memory, word, states)
         self.attends = bool(attention_weights)
+        self.attention_size = int(attention_weights[0].shape[-1]) if self.attends else 0
         self._step_model = keras.Model([word, *memory, *states], [logits, *attention_weights, *new_states],
                                        name="decoding_step")
         first = spec.start(layers, image)

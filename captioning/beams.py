@@ -22,7 +22,7 @@ def length_divisors(max_length, length_alpha):
 
 
 def search_ops(initial, step, features, *, start_id, end_id, max_length, beam_width, divisors, banned_ids,
-               no_repeat_ngram=0, return_attention=False, dtype=tf.float64, memory=None):
+               no_repeat_ngram=0, return_attention=False, dtype=tf.float64, memory=None, locations=None):
     """beam_search's rules as TensorFlow ops, for eager use or a tf.function (export.py's).
 
     `initial(features)` -> states; `step(words, states, memory)` -> (log_probs
@@ -33,7 +33,8 @@ def search_ops(initial, step, features, *, start_id, end_id, max_length, beam_wi
     and the caller's). Returns a dict of each image's k finished hypotheses,
     best first: ids (images, k, max_length) padded with 0, lengths, log_probs,
     scores (-inf in a slot no hypothesis reached) and, with return_attention,
-    attention (images, k, max_length, L).
+    attention (images, k, max_length, L): `locations` is L, the regions the
+    weights cover (None: every cell of the features' grid, H x W).
 
     What the Python of a simpler beam search grows (lists of beams, of finished
     captions) has a fixed size here, so that a compiled loop's shapes never
@@ -47,7 +48,10 @@ def search_ops(initial, step, features, *, start_id, end_id, max_length, beam_wi
     # -inf marks what cannot be chosen. The TFLite converter turns an -inf constant into the
     # lowest float, which is finite: so "possible" is "above half of that".
     impossible = tf.constant(-np.inf if dtype == tf.float64 else dtype.min, dtype)
-    locations = int(np.prod(features.shape[1:-1])) if return_attention else 0  # L: the grid's H x W
+    if not return_attention:
+        locations = 0
+    elif locations is None:
+        locations = int(np.prod(features.shape[1:-1]))
 
     def possible(values):
         return values > impossible / 2

@@ -27,6 +27,7 @@ tf = quiet_tensorflow()
 import keras  # noqa: E402
 
 from captioning.architectures import StepDecoder  # noqa: E402
+from captioning.attention import region_grid  # noqa: E402
 from captioning.fileio import atomic_path, read_json, sha256_of, write_json_atomic  # noqa: E402
 from captioning.vocab import Vocabulary  # noqa: E402
 
@@ -143,7 +144,7 @@ class Captioner:
         """For models that attend: per image, (the caption's words, their attention maps
         (words, H, W)), one map per word, to lay over the photo (notebook 06)."""
         ids, weights = self.caption_ids(features, beam_width, return_attention=True, **decode_options)
-        grid = self.decoder.image_shape[:-1] or (1,)
+        grid = region_grid({layer.name: layer for layer in self.model.layers}, self.decoder.image_shape)
         return [([self.vocab.words[i] for i in row], maps.reshape((len(row), *grid)))
                 for row, maps in zip(ids, weights)]
 

@@ -35,10 +35,12 @@ finished when it emits <end> or when it has `max_length` words (it is then
 kept as it is, without <end>). Its length, for length normalisation, is the
 number of tokens the model chose: its words, plus one for <end> if it has it.
 
-Attention. A decoder whose `last_attention` holds the weights over the image
-grid, (rows, L), that its last `step` used (architectures that attend) lets
+Attention. A decoder whose `last_attention` holds the weights over the image's
+regions, (rows, L), that its last `step` used (architectures that attend) lets
 greedy and beam search return, with `return_attention=True`, one row of
-weights per word of the chosen caption (notebook 06).
+weights per word of the chosen caption (notebook 06). Beam search sizes its
+rows by the decoder's `attention_size` (L); a decoder without one attends over
+every cell of the features' grid.
 """
 
 import functools
@@ -282,7 +284,8 @@ def beam_search(decoder, features, *, start_id, end_id, max_length, beam_width=3
     else:
         initial, step = _python_steps(decoder)
         memory = tf.nest.map_structure(tf.constant, _remember(decoder, features))
-        found = search_ops(initial, step, tf.constant(features), divisors=divisors, memory=memory, **options)
+        found = search_ops(initial, step, tf.constant(features), divisors=divisors, memory=memory,
+                           locations=getattr(decoder, "attention_size", None), **options)
     found = {key: value.numpy() for key, value in found.items()}
     possible = found["scores"] > -np.inf
     return [[Hypothesis(ids=found["ids"][image, j, :length].tolist(), log_prob=float(found["log_probs"][image, j]),
@@ -302,7 +305,7 @@ def _compiled_search(decoder, options):
     if key not in searches:
         def search(features, divisors):
             return search_ops(decoder._initial_graph, decoder._step_graph, features, divisors=divisors,
-                              memory=decoder._memory_graph(features), **options)
+                              memory=decoder._memory_graph(features), locations=decoder.attention_size, **options)
         # A partial, so that TensorFlow counts each search's traces apart (see StepDecoder.__init__).
         specs = [tf.TensorSpec((None, *decoder.image_shape), tf.float32),
                  tf.TensorSpec((options["max_length"] + 1,), tf.float64)]

@@ -14,7 +14,8 @@ A simple model scales them to the run asked for, part by part:
     the encoders' speed ratio when the encoder is another;
   * training (03, 05 and 06): proportional to the training photos, because an epoch costs the
     same per caption, with as many epochs as the measured run (early stopping may end sooner or
-    later); attention's also to its regions x channels per photo, which its attention reads;
+    later); attention's also to its regions x channels per photo (the grid's cells pooled into
+    regions: attention.GRID_POOL), which it projects and attends over;
   * evaluation (05, 06): proportional to the validation photos;
   * the rest (preparing the captions, notebook 04, starting the kernels) as measured.
 
@@ -55,6 +56,7 @@ def photos_of_run(parameters):
 def notebook_seconds(course, speeds, encoder, train, validation):
     """{notebook: estimated seconds} for `train` training and `validation` validation photos encoded
     with `encoder`, from the course benchmark's results and the encoders' speeds (module docstring)."""
+    from captioning.attention import GRID_POOL
     from captioning.encoders import ENCODERS
 
     measured = course["photos"]
@@ -64,7 +66,7 @@ def notebook_seconds(course, speeds, encoder, train, validation):
     measured_encoding = went["printed"]["encoding_seconds"]  # notebook 02's; 06 encodes the same photos' grids
     encoding = measured_encoding * (train + validation) / measured["total"] * relative[course["encoder"]] / relative[encoder]
     more_training, more_validation = train / measured["train"], validation / measured["dev"]
-    regions = {name: spec.grid ** 2 * spec.channels for name, spec in ENCODERS.items()}
+    regions = {name: -(-spec.grid // GRID_POOL) ** 2 * spec.channels for name, spec in ENCODERS.items()}
     evaluation = {"05": 0.0, "06": 0.0}
     for folder, values in went["evaluations"].items():
         evaluation["06" if "attention" in folder else "05"] += values["seconds"]

@@ -1,5 +1,5 @@
-"""The soft-attention captioner: weights that are distributions over the grid, shapes for
-both encoders' grids, a task only attention can learn, decoding with attention weights,
+"""The soft-attention captioner: weights that are distributions over the regions, shapes for
+both encoders' grids and the regions they are pooled into, a task only attention can learn, decoding with attention weights,
 the doubly stochastic penalty, a bundle round trip, and `train --arch attention` end to end."""
 
 import json
@@ -12,7 +12,7 @@ from captioning import quiet_tensorflow
 tf = quiet_tensorflow()
 import keras  # noqa: E402
 
-from captioning.attention import doubly_stochastic_penalty  # noqa: E402
+from captioning.attention import GRID_POOL, doubly_stochastic_penalty  # noqa: E402
 from captioning.bundle import Captioner, save_bundle  # noqa: E402
 from captioning.decoding import beam_search, greedy_decode, sample_decode  # noqa: E402
 from captioning.architectures import build_captioner, make_step_decoder  # noqa: E402
@@ -54,6 +54,7 @@ class PerWordDecoder:
 
     def __init__(self, decoder):
         self.decoder = decoder
+        self.attention_size = decoder.attention_size
 
     def initial_state(self, features):
         return self.decoder.initial_state(features)
@@ -101,9 +102,11 @@ def test_remembering_each_image_once_decodes_exactly_as_recomputing_it_every_wor
     assert sample_decode(decoder, grids, samples=4, seed=3, **options) == repeated
     assert remembered == [5]
     assert len(set(map(tuple, repeated))) > 5  # the samples of an image do differ
-    # What is remembered: the projected regions and their attention keys, one row per image.
+    # What is remembered: the projected regions and their attention keys, one row per image;
+    # the 4 x 4 grid is read as 2 x 2 regions (attention.GRID_POOL), as the weights are.
     regions, keys = original(grids)
-    assert regions.shape == (5, 16, 8) and keys.shape == (5, 16, 8)
+    assert regions.shape == (5, 4, 8) and keys.shape == (5, 4, 8)
+    assert decoder.attention_size == 4 and fast[0][0].attention.shape[1] == 4
 
 
 def test_the_remembered_regions_become_tensors_once_per_decoding_not_at_every_word(monkeypatch):
@@ -125,26 +128,35 @@ def test_the_remembered_regions_become_tensors_once_per_decoding_not_at_every_wo
 
 # --- shapes and distributions -----------------------------------------------------------
 
-@pytest.mark.parametrize("grid_shape, channels", [((8, 8), 2048), ((10, 10), 1280)],
-                         ids=["inception_v3", "mobilenet_v2"])
-def test_encoder_grids_shapes_and_weights_that_sum_to_one(grid_shape, channels):
-    model = tiny_attention(grid_shape, channels)
+@pytest.mark.parametrize("grid_shape, channels, grid_pool, regions", [
+    ((8, 8), 2048, GRID_POOL, 16), ((10, 10), 1280, GRID_POOL, 25),  # the default: 2 x 2 cells per region
+    ((10, 10), 1280, 1, 100), ((7, 7), 64, 2, 16)],  # every cell a region; an odd side keeps its last row
+    ids=["inception_v3", "mobilenet_v2", "mobilenet_v2-every-cell", "odd-side"])
+def test_encoder_grids_shapes_and_weights_that_sum_to_one(grid_shape, channels, grid_pool, regions):
+    model = tiny_attention(grid_shape, channels, grid_pool=grid_pool)
     grids, words = random_inputs(grid_shape, channels)
     assert model.get_layer("image").batch_shape == (None, *grid_shape, channels)
+    assert (grid_pool > 1) == any(layer.name == "grid_pooling" for layer in model.layers)
     logits = model({"image": grids, "words": words}, training=False)
     assert logits.shape == (3, LENGTH + 1, VOCAB)
 
     decoder = make_step_decoder(model)
-    locations = int(np.prod(grid_shape))
-    flat = grids.reshape(3, locations, channels)  # (N, L, C) is accepted as well as (N, H, W, C)
+    assert decoder.attention_size == regions
+    flat = grids.reshape(3, int(np.prod(grid_shape)), channels)  # (N, L, C) is accepted as well as (N, H, W, C)
     log_probs, weights = replay(decoder, flat, words)
-    assert weights.shape == (3, LENGTH + 1, locations)
+    assert weights.shape == (3, LENGTH + 1, regions)
     np.testing.assert_allclose(weights.sum(axis=-1), 1.0, atol=1e-5)  # a distribution at every step
     assert (weights >= 0).all()
     # The one-step decoder reuses the trained layers: same numbers as the full-sequence model.
     np.testing.assert_allclose(log_probs, tf.nn.log_softmax(logits).numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="features must have shape"):
         decoder.initial_state(grids[:, :, :, :10])
+
+
+@pytest.mark.parametrize("grid_pool", [0, -2, 1.5, True, "2"])
+def test_a_grid_pool_that_is_not_a_positive_integer_is_a_clear_error(grid_pool):
+    with pytest.raises(ValueError, match="grid_pool must be a positive integer"):
+        tiny_attention((4, 4), 16, grid_pool=grid_pool)
 
 
 def test_gru_variant_and_vectors_as_a_one_location_grid():
@@ -188,6 +200,7 @@ def test_penalty_is_a_training_loss_only_when_asked():
 # --- learning where things are --------------------------------------------------------------
 
 GRID, CHANNELS = 4, 16
+SIDE = GRID // GRID_POOL  # the model reads 2 x 2 regions of 2 x 2 cells: the quadrants the captions name
 _rng = np.random.default_rng(123)
 # A CNN's feature vector says what is in a region and, through padding and
 # receptive fields, a little of where the region is (Islam et al. 2020, "How
@@ -248,12 +261,13 @@ def test_attention_looks_at_the_object_when_naming_its_place(where):
     grids, captions = where_data(50, seed=3)
     ids, weights = greedy_decode(make_step_decoder(model), grids, start_id=vocab.start_id, end_id=vocab.end_id,
                                  max_length=vocab.max_length, return_attention=True)
-    objects = np.linalg.norm(grids.reshape(50, -1, CHANNELS) - SIGNATURES, axis=-1).argmax(axis=1)
+    cells = np.linalg.norm(grids.reshape(50, -1, CHANNELS) - SIGNATURES, axis=-1).argmax(axis=1)
+    objects = cells // GRID // GRID_POOL * SIDE + cells % GRID // GRID_POOL  # the region holding the object's cell
     assert all(len(row) == len(row_weights) for row, row_weights in zip(ids, weights))
     # While choosing "top"/"bottom" (step 1) it looks hardest at the object's region...
-    assert np.mean([row_weights[1].argmax() == cell for row_weights, cell in zip(weights, objects)]) >= 0.8
-    # ...and over both place words (steps 1-2) it gives that region far more than the uniform 1/16.
-    assert np.mean([row_weights[1:, cell].mean() for row_weights, cell in zip(weights, objects)]) > 4 / 16
+    assert np.mean([row_weights[1].argmax() == region for row_weights, region in zip(weights, objects)]) >= 0.8
+    # ...and over both place words (steps 1-2) it gives that region more than twice the uniform 1/4.
+    assert np.mean([row_weights[1:, region].mean() for row_weights, region in zip(weights, objects)]) > 2 / SIDE ** 2
 
 
 # --- decoding with attention weights ----------------------------------------------------------
@@ -269,7 +283,7 @@ def test_beam_search_carries_each_hypothesis_own_weights(where):
             # Replaying the hypothesis' words gives exactly the weights beam search backtracked.
             words = np.array([[vocab.start_id, *hypothesis.ids]], dtype="int32")
             _, replayed = replay(decoder, grids[image:image + 1], words)
-            assert hypothesis.attention.shape == (len(hypothesis.ids), GRID * GRID)
+            assert hypothesis.attention.shape == (len(hypothesis.ids), SIDE * SIDE)
             np.testing.assert_allclose(hypothesis.attention, replayed[0, :len(hypothesis.ids)], atol=1e-5)
     greedy_ids, greedy_weights = greedy_decode(decoder, grids, return_attention=True, **common)
     width_one = beam_search(decoder, grids, beam_width=1, length_alpha=0.0, return_attention=True, **common)
@@ -302,7 +316,7 @@ def test_bundle_round_trip_in_safe_mode(where, tmp_path):
     attended = captioner.attend(grids[:3], beam_width=3)
     for (words_said, maps), caption in zip(attended, captioner.caption_features(grids[:3])):
         assert " ".join(words_said) == caption
-        assert maps.shape == (len(words_said), GRID, GRID)
+        assert maps.shape == (len(words_said), SIDE, SIDE)  # one map per word, over the regions
         np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="shape"):
         captioner.caption_features(grids.mean(axis=(1, 2)))

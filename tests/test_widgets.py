@@ -10,6 +10,7 @@ from captioning import quiet_tensorflow
 
 tf = quiet_tensorflow()
 
+from captioning.attention import GRID_POOL  # noqa: E402
 from captioning.bundle import Captioner, save_bundle  # noqa: E402
 from captioning.decoding import length_normalised  # noqa: E402
 from captioning.vocab import Vocabulary  # noqa: E402
@@ -116,10 +117,10 @@ def attention_captioner(tmp_path_factory):
     return Captioner.load(bundle)
 
 
-def test_the_map_of_a_chosen_word_has_the_grids_shape_and_sums_to_one(attention_captioner):
+def test_the_map_of_a_chosen_word_has_the_regions_shape_and_sums_to_one(attention_captioner):
     grids, _ = where_data(5, seed=7)
     attended = attention_captioner.attend(grids, beam_width=3)
-    grid = tuple(grids.shape[1:3])
+    grid = tuple(-(-side // GRID_POOL) for side in grids.shape[1:3])  # the grid's cells, pooled into regions
     for words, maps in attended:
         assert len(words) >= 2 and maps.shape == (len(words), *grid)
         for position, word in enumerate(words):
