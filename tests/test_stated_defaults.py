@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from captioning import bundle, cli, decoding, evaluate
+from captioning.attention import GRID_POOL
 from captioning.training import PRESETS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,6 +44,7 @@ STATEMENTS = {
                                PRESET["epochs"]),
     "fine-tuning epochs": (r"(\d+) epochs of (?:self-critical |CIDEr-D )?fine-tuning", PRESET["self_critical_epochs"]),
     "beam_search's own length exponent": (r"DEFAULT_LENGTH_ALPHA`? \(([\d.]+)", decoding.DEFAULT_LENGTH_ALPHA),
+    "cells per side of an attention region": (r"(\d+) x \1 blocks?\b", GRID_POOL),  # "each 2 x 2 block of cells"
 }
 
 
