@@ -24,6 +24,7 @@ per image, not once per word and per beam or sample.
 
 import dataclasses
 import functools
+import inspect
 import weakref
 from typing import Callable
 
@@ -70,6 +71,14 @@ def get(name):
     if name not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {name!r}")
     return ARCHITECTURES[name]
+
+
+def own_options(arch):
+    """The options an architecture builds with when it is given none (build_captioner's `options`:
+    attention's grid_pool, merge's merge_mode...), as runs.run_identity records them: a change of
+    one of these defaults makes another model, which a saved run must not stand in for."""
+    parameters = inspect.signature(get(arch).layers).parameters.values()
+    return {parameter.name: parameter.default for parameter in parameters if parameter.default is not parameter.empty}
 
 
 def pooling(arch):

@@ -1,7 +1,8 @@
 """What makes a training run what it is, and what another run can take from it (notebooks 03 and 05).
 
-    run_identity         the architecture, settings, seed, data, vocabulary and features of a
-                         run: bundle.json "run". The same identity trains the same model.
+    run_identity         the architecture (and its own options' defaults), settings, seed, data,
+                         vocabulary and features of a run: bundle.json "run". The same identity
+                         trains the same model.
     teacher_forced_folder, keep_teacher_forced, take_teacher_forced
                          the teacher-forced model a run keeps in the work folder, which a run
                          that differs only in what comes after teacher forcing starts from
@@ -25,10 +26,13 @@ from captioning.fileio import read_json, save_atomically, write_json_atomic
 def run_identity(arch, dataset, settings, seed, store, vocab):
     """What makes one training run's model what it is: bundle.json "run". A run with the same
     identity trains the same model, so train_pipeline(reuse=True) returns its bundle as it is, and
-    an interrupted run resumes only into the same one. Notebook 03 records it as `train` does."""
+    an interrupted run resumes only into the same one. Notebook 03 records it as `train` does.
+    The architecture's own options are in it because the code sets them, not the settings: a run
+    saved before attention pooled its grid (attention.GRID_POOL) is not the model it builds now."""
+    from captioning.architectures import own_options
     sources = read_json(Path(store.out_dir) / store.manifest["sources_file"], "feature cache sources", kind=dict)
     photos = sorted((image_id, entry.get("sha256")) for image_id, entry in sources.items())  # content, not paths
-    return {"arch": arch, "dataset": dataset, "settings": settings, "seed": seed,
+    return {"arch": arch, "options": own_options(arch), "dataset": dataset, "settings": settings, "seed": seed,
             "encoder": store.manifest["weights_id"], "vocabulary": vocab.fingerprint,
             "features": hashlib.sha256(json.dumps(photos).encode()).hexdigest()}
 

@@ -27,10 +27,11 @@ def tiny_data(tmp_path_factory):
     return tiny_flickr8k(root / "flickr8k"), root / "work"
 
 
-def train(data_dir, work, out, **options):
-    """train_pipeline in a process of its own (the command line has no `reuse`); what it logged."""
-    code = ("import json, sys\nfrom captioning.pipeline import train_pipeline\n"
-            "train_pipeline('flickr8k', sys.argv[1], encoder='mobilenet_v2', weights='none', arch='merge',"
+def train(data_dir, work, out, arch="merge", before="", **options):
+    """train_pipeline in a process of its own (the command line has no `reuse`), after the code
+    `before`; what it logged."""
+    code = (f"import json, sys\n{before}from captioning.pipeline import train_pipeline\n"
+            f"train_pipeline('flickr8k', sys.argv[1], encoder='mobilenet_v2', weights='none', arch={arch!r},"
             " out_dir=sys.argv[2],"
             " cache_dir=sys.argv[3], epochs=2, log=lambda line: print(line, flush=True), **json.loads(sys.argv[4]))\n")
     result = subprocess.run([sys.executable, "-c", code, str(data_dir), str(out), str(work), json.dumps(options)],
@@ -100,6 +101,27 @@ def build(word_dropout=0.35):
 
 def streams(model):
     return [variable.numpy() for variable in model.variables if variable.path.endswith("seed_generator_state")]
+
+
+def test_a_run_saved_before_the_architecture_changed_is_trained_again_not_reused(tiny_data, tmp_path):
+    """The code, not the settings, says how attention reads its grid (attention.GRID_POOL). A bundle
+    saved when it read every cell is another model: reuse=True trains again, then reuses that."""
+    data_dir, work = tiny_data
+    out = tmp_path / "attention"
+    every_cell = "import captioning.attention as a\na.attention_layers.__kwdefaults__['grid_pool'] = 1\n"
+
+    def pools(folder):
+        from captioning.bundle import Captioner
+        return any(layer.name == "grid_pooling" for layer in Captioner.load(folder).model.layers)
+
+    options = dict(arch="attention", self_critical_epochs=0, reuse=True, overwrite=True)
+    train(data_dir, work, out, before=every_cell, **options)
+    assert not pools(out)
+    said = train(data_dir, work, out, **options).splitlines()
+    assert not any(line.startswith((f"reusing {out}", "teacher forcing: taking")) for line in said), said
+    assert pools(out)
+    said = train(data_dir, work, out, **options).splitlines()
+    assert any(line.startswith(f"reusing {out}") for line in said), said
 
 
 def test_a_kept_model_is_taken_by_a_model_built_later_in_another_order(tmp_path):
