@@ -147,9 +147,9 @@ def attention_layers(*, vocab_size, max_length, embed_dim, units, rnn, dropout, 
     if isinstance(grid_pool, bool) or not isinstance(grid_pool, (int, np.integer)) or grid_pool < 1:
         raise ValueError(f"grid_pool must be a positive integer (cells per side of a region), got {grid_pool!r}")
     dense = keras.layers.Dense
-    # An odd side keeps its last row and column as regions of their own (padding "same").
+    # An odd side keeps its last row and column as regions of their own (padding "same": regions_per_side).
     pool = [lambda: keras.layers.AveragePooling2D(int(grid_pool), padding="same", name="grid_pooling")]
-    image_first = pool * (grid_pool > 1) + [
+    image_first = (pool if grid_pool > 1 else []) + [
         # Each region to `units` numbers: a much smaller context vector and LSTM
         # input than the CNN's 1280 or 2048 channels, as in TensorFlow's tutorial.
         lambda: dense(units, activation="relu", name="grid_projection"),
@@ -175,6 +175,12 @@ def attention_start(layers, image):
     """The decoder's first state, from the mean of the grid, as in the paper."""
     mean = keras.layers.GlobalAveragePooling1D(name="mean_of_grid")(as_locations(image, "grid_to_average"))
     return [layers[name](mean) for name in ("image_to_state_h", "image_to_state_c") if name in layers]
+
+
+def regions_per_side(cells, grid_pool=GRID_POOL):
+    """Regions per side of a grid with `cells` cells per side, pooled grid_pool x grid_pool (the
+    last region of an odd side holds what is left)."""
+    return -(-int(cells) // int(grid_pool))
 
 
 def region_grid(layers, image_shape):

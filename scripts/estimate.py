@@ -56,7 +56,7 @@ def photos_of_run(parameters):
 def notebook_seconds(course, speeds, encoder, train, validation):
     """{notebook: estimated seconds} for `train` training and `validation` validation photos encoded
     with `encoder`, from the course benchmark's results and the encoders' speeds (module docstring)."""
-    from captioning.attention import GRID_POOL
+    from captioning.attention import regions_per_side
     from captioning.encoders import ENCODERS
 
     measured = course["photos"]
@@ -66,7 +66,7 @@ def notebook_seconds(course, speeds, encoder, train, validation):
     measured_encoding = went["printed"]["encoding_seconds"]  # notebook 02's; 06 encodes the same photos' grids
     encoding = measured_encoding * (train + validation) / measured["total"] * relative[course["encoder"]] / relative[encoder]
     more_training, more_validation = train / measured["train"], validation / measured["dev"]
-    regions = {name: -(-spec.grid // GRID_POOL) ** 2 * spec.channels for name, spec in ENCODERS.items()}
+    regions = {name: regions_per_side(spec.grid) ** 2 * spec.channels for name, spec in ENCODERS.items()}
     evaluation = {"05": 0.0, "06": 0.0}
     for folder, values in went["evaluations"].items():
         evaluation["06" if "attention" in folder else "05"] += values["seconds"]
