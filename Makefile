@@ -16,7 +16,8 @@ WORK_DIR ?= data/work
 ENCODER ?= inception_v3
 WEIGHTS ?= imagenet
 DOWNLOAD ?= 1
-SUBSET ?= 2000
+# SUBSET: how many COCO images to download; unset, the package default (captioning.download.SUBSET_SIZE).
+SUBSET ?=
 RUNS ?= runs
 # `make test` runs the suite on this many processes (pytest-xdist); 1 runs it in one.
 TEST_WORKERS ?= 2
@@ -38,7 +39,7 @@ help:
 	@echo "make solutions   run the exercises' solutions on what make demo left (same settings)"
 	@echo "make test        run the test suite"
 	@echo "make lab         open the notebooks in JupyterLab"
-	@echo "make data        download COCO caption annotations and a $(SUBSET)-image subset into $(DATA_DIR)"
+	@echo "make data        download COCO caption annotations and a subset of its images into $(DATA_DIR)"
 	@echo "make benchmarks  run every benchmark in benchmarks/"
 	@echo "make clean       remove executed notebooks and caches (keeps data/ downloads)"
 	@echo "make clean-data  remove everything under data/ but its README"
@@ -53,7 +54,7 @@ $(STAMP): requirements.txt
 	@touch $@
 
 NOTEBOOK_SETTINGS = --out $(RUNS) --dataset $(DATASET) --data-dir $(DATA_DIR) --work-dir $(WORK_DIR) \
-	--encoder $(ENCODER) --weights $(WEIGHTS) --download $(DOWNLOAD) --subset-size $(SUBSET) \
+	--encoder $(ENCODER) --weights $(WEIGHTS) --download $(DOWNLOAD) $(if $(SUBSET),--subset-size $(SUBSET)) \
 	$(if $(NOTEBOOKS),--only $(NOTEBOOKS)) $(foreach pair,$(PARAMS),-p $(subst =, ,$(pair)))
 
 demo: setup
@@ -70,7 +71,7 @@ lab: setup
 	$(VENV)/bin/jupyter lab notebooks
 
 data: setup
-	$(PY) -m captioning.download --data-dir $(DATA_DIR) --subset-size $(SUBSET) --base-url $(COCO_URL)
+	$(PY) -m captioning.download --data-dir $(DATA_DIR) $(if $(SUBSET),--subset-size $(SUBSET)) --base-url $(COCO_URL)
 
 benchmarks: setup
 	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done

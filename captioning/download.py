@@ -24,7 +24,7 @@ CAPTIONING_COCO_URL, or `make demo COCO_URL=...`: for a proxy, a class's
 local copy, or the tests' server on 127.0.0.1. Image URLs in the annotations
 that point at the official server are rewritten to the mirror.
 
-    python -m captioning.download --data-dir data/coco --subset-size 2000 [--split both|train|val] [--base-url URL]
+    python -m captioning.download --data-dir data/coco [--subset-size N] [--split both|train|val] [--base-url URL]
 """
 
 import argparse
@@ -313,7 +313,7 @@ def download_images(images, image_dir, *, base_url=None, workers=8, progress=Tru
         bar.update(report.present)
         missing = [job for job, done in zip(jobs, complete) if not done]
         if missing:
-            check_online(missing[0][1])  # offline: one quick failure, not 2,000 slow ones
+            check_online(missing[0][1])  # offline: one quick failure, not one slow failure per photo
         futures = {pool.submit(fetch, url, dest, verify=verify_image, **fetch_options): (name, url)
                    for name, url, dest in missing}
         for future in concurrent.futures.as_completed(futures):
@@ -328,9 +328,14 @@ def download_images(images, image_dir, *, base_url=None, workers=8, progress=Tru
 
 
 TRAIN_SHARE = 0.8  # split="both": this share of the subset is training images, the rest val
+# The default subset: what `make demo`, `make data`, notebook 01 and this module's command download.
+# It is the size at which the whole course with InceptionV3 is estimated to take about 45 minutes
+# on two CPU cores (scripts/estimate.py). More photos train better captioners and take longer; the
+# README says what the 200 photos fewer than 2,000 cost (docs/experiments.md, "A smaller COCO subset").
+SUBSET_SIZE = 1800
 
 
-def download_coco(data_dir, subset_size=2000, *, split="both", seed=0, base_url=None, workers=8, progress=True,
+def download_coco(data_dir, subset_size=SUBSET_SIZE, *, split="both", seed=0, base_url=None, workers=8, progress=True,
                   **fetch_options):
     """Annotations (if missing) + a seeded subset of images into DATA_DIR/<split>2017/. Notebook 01.
 
@@ -360,7 +365,8 @@ def download_coco(data_dir, subset_size=2000, *, split="both", seed=0, base_url=
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m captioning.download", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="e.g. data/coco")
-    parser.add_argument("--subset-size", type=int, default=2000, help="how many images to download")
+    parser.add_argument("--subset-size", type=int, default=SUBSET_SIZE,
+                        help=f"how many images to download (default {SUBSET_SIZE})")
     parser.add_argument("--split", choices=("train", "val", "both"), default="both",
                         help="both: 80%% of the subset from train2017, 20%% from val2017")
     parser.add_argument("--seed", type=int, default=0, help="which random subset (keep it to resume)")

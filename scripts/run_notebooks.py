@@ -243,7 +243,8 @@ def main(argv=None):
     parser.add_argument("--encoder", default="inception_v3")
     parser.add_argument("--weights", default="imagenet", help="'imagenet', 'none' (random) or a .weights.h5 path")
     parser.add_argument("--download", type=int, default=1, help="1: download what is missing; 0: offline")
-    parser.add_argument("--subset-size", type=int, default=2000)
+    parser.add_argument("--subset-size", type=int, default=None,
+                        help="COCO images to download (default: captioning.download.SUBSET_SIZE)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="any other notebook parameter (the value is read as a Python literal when it can be)")
     parser.add_argument("--solutions", action="store_true",
@@ -255,6 +256,7 @@ def main(argv=None):
     def absolute(path):
         return path if path in ("imagenet", "none") else str(Path(path).resolve())
 
+    from captioning.download import SUBSET_SIZE
     parameters = {
         "dataset": args.dataset,
         "data_dir": absolute(args.data_dir),
@@ -262,7 +264,7 @@ def main(argv=None):
         "encoder": args.encoder,
         "weights": absolute(args.weights),
         "download": bool(args.download),
-        "subset_size": args.subset_size,
+        "subset_size": SUBSET_SIZE if args.subset_size is None else args.subset_size,
     }
     import ast
     for name, value in args.parameter:

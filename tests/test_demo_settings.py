@@ -13,7 +13,7 @@ from conftest import REPO, shell
 from run_notebooks import check_settings
 
 MAKE_DEFAULTS = {"dataset": "flickr8k", "data_dir": "/data", "work_dir": "/work", "encoder": "mobilenet_v2",
-                 "weights": "none", "download": False, "subset_size": 2000}
+                 "weights": "none", "download": False, "subset_size": 1800}
 
 
 @pytest.mark.parametrize("only, parameters, message", [

@@ -12,10 +12,13 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "scripts"))
 import estimate  # noqa: E402
 
+from captioning.download import SUBSET_SIZE, TRAIN_SHARE  # noqa: E402
+
 COURSE = json.loads(estimate.COURSE.read_text())
 SPEEDS = json.loads(estimate.ENCODER_SPEEDS.read_text())
-ONLINE_DEFAULT = {"dataset": "coco", "data_dir": "data/coco", "subset_size": 2000, "encoder": "inception_v3",
+ONLINE_DEFAULT = {"dataset": "coco", "data_dir": "data/coco", "subset_size": SUBSET_SIZE, "encoder": "inception_v3",
                   "download": True}
+ONLINE_PHOTOS = (round(SUBSET_SIZE * TRAIN_SHARE), SUBSET_SIZE - round(SUBSET_SIZE * TRAIN_SHARE))  # (train, val)
 
 
 def test_the_benchmark_s_own_run_comes_out_as_it_was_measured():
@@ -45,8 +48,8 @@ def test_more_photos_and_a_slower_encoder_take_longer_by_the_measured_rates():
 
 def test_the_line_names_the_run_and_the_budgets_params_change():
     line = estimate.estimate_line(ONLINE_DEFAULT)
-    assert re.fullmatch(r"estimate: about \d+ min for 01 02 03 04 05 06 on 1,600 training and 400 validation "
-                        r"photos with inception_v3, plus the download; scaled from .*", line)
+    assert re.fullmatch(r"estimate: about \d+ min for 01 02 03 04 05 06 on {:,} training and {:,} validation "
+                        r"photos with inception_v3, plus the download; scaled from .*".format(*ONLINE_PHOTOS), line)
     assert "PARAMS" not in line
     assert "about" in estimate.estimate_line(dict(ONLINE_DEFAULT, subset_size=500), only=["02", "03"])
     assert estimate.estimate_line(dict(ONLINE_DEFAULT, epochs=2)).endswith("PARAMS change epochs: this is the "
@@ -67,7 +70,7 @@ def test_a_course_benchmark_under_way_leaves_no_estimate_and_the_run_goes_on(tmp
 
 
 def test_the_readme_states_the_online_default_s_estimate():
-    minutes = round(sum(estimate.notebook_seconds(COURSE, SPEEDS, "inception_v3", 1600, 400).values()) / 60)
+    minutes = round(sum(estimate.notebook_seconds(COURSE, SPEEDS, "inception_v3", *ONLINE_PHOTOS).values()) / 60)
     assert f"about {minutes} min" in estimate.estimate_line(ONLINE_DEFAULT)
     readme = " ".join((REPO / "README.md").read_text().split())
     assert f"about {minutes} min on two cores" in readme, "README's estimate of the online default is stale"

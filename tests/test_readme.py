@@ -1,11 +1,11 @@
 """Every command block of the README, run as written: only data locations differ.
 
-* `make demo` with its defaults (COCO, downloads on, a 2,000-image subset,
+* `make demo` with its defaults (COCO, downloads on, a 1,800-image subset,
   InceptionV3, all six notebooks). The bytes come from a COCO mirror on
   127.0.0.1 instead of images.cocodataset.org: the official annotation zip's
   layout, holding the full official captions_val2017.json and the shared train
   sample's captions, every coco_url pointing at the mirror, and behind it the
-  shared sample photos. The subset asks for 480 photos that the annotations
+  shared sample photos. The subset asks for 440 photos that the annotations
   list and the mirror has 94 of them, so most requests answer 404, as some
   would for a user whose network drops files: the run reports them and goes on.
   InceptionV3's ImageNet weights cannot be fetched here, so WEIGHTS=none (the
@@ -131,12 +131,15 @@ def test_make_demo_with_its_defaults_downloads_trains_captions_and_resumes(coco_
     executed = assert_taught(runs)
     assert re.search(r"wall time: 01 \d+ s, .*06 \d+ s; total \d+ s", result.stdout), result.stdout[-2000:]
     assert_05_took_03s_merge_model(executed[4], work_dir)
-    assert_estimate_said_first(result.stdout, "on 1,600 training and 400 validation photos with inception_v3, plus the download")
+    train, val = round(download.SUBSET_SIZE * download.TRAIN_SHARE), download.SUBSET_SIZE - round(
+        download.SUBSET_SIZE * download.TRAIN_SHARE)  # SUBSET unset: the package's default subset, 80/20
+    assert_estimate_said_first(result.stdout, f"on {train:,} training and {val:,} validation photos with inception_v3, "
+                                              "plus the download")
 
     # What came down: each photo of the seeded subset that the mirror has, once; the rest 404.
     subset = {split: {image["file_name"] for image in download.choose_subset(
         data_dir / "annotations" / f"captions_{split}2017.json", size)}
-        for split, size in (("train", 1600), ("val", 400))}  # SUBSET=2000, 80/20
+        for split, size in (("train", train), ("val", val))}
     available = {split: {path.split("/")[-1] for path in server.files if path.startswith(f"/{split}2017/")}
                  for split in subset}
     on_disk = {split: {path.name for path in (data_dir / f"{split}2017").glob("*.jpg")} for split in subset}
@@ -146,7 +149,7 @@ def test_make_demo_with_its_defaults_downloads_trains_captions_and_resumes(coco_
     assert downloaded > 20 and _photos_served(server) == downloaded
     notebook_01 = notebook_text(executed[0])
     asked = sum(map(len, subset.values()))  # the train annotations list only 80 photos
-    assert asked == 80 + 400
+    assert asked == 80 + val
     reported = [int(number) for number in re.findall(r"(\d+) downloaded, 0 already there", notebook_01)]
     failed = [int(number) for number in re.findall(r"(\d+) failed", notebook_01)]
     assert sum(reported) == downloaded and sum(failed) == asked - downloaded and "HTTP 404" in notebook_01

@@ -16,6 +16,7 @@ import pytest
 
 from captioning import bundle, cli, decoding, evaluate
 from captioning.attention import GRID_POOL
+from captioning.download import SUBSET_SIZE
 from captioning.training import PRESETS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +36,9 @@ def _texts():
 
 
 def _stated(pattern):
-    return [(where, match.group(1)) for where, text in _texts() for match in re.finditer(pattern, text)]
+    """(where, number) for each match of `pattern`: its first group that matched, without thousands' commas."""
+    return [(where, next(group for group in match.groups() if group is not None).replace(",", ""))
+            for where, text in _texts() for match in re.finditer(pattern, text)]
 
 
 # pattern (its group: the number stated) -> the value the package has
@@ -45,6 +48,8 @@ STATEMENTS = {
     "fine-tuning epochs": (r"(\d+) epochs of (?:self-critical |CIDEr-D )?fine-tuning", PRESET["self_critical_epochs"]),
     "beam_search's own length exponent": (r"DEFAULT_LENGTH_ALPHA`? \(([\d.]+)", decoding.DEFAULT_LENGTH_ALPHA),
     "cells per side of an attention region": (r"(\d+) x \1 blocks?\b", GRID_POOL),  # "each 2 x 2 block of cells"
+    # "a 1,800-image subset", notebook 01's parameters cell and the README's table of make demo's settings
+    "COCO photos downloaded": (r"\b(\d[\d,]*)-image subset|subset_size = (\d+) +#|\| `SUBSET` \| `(\d+)`", SUBSET_SIZE),
 }
 
 
