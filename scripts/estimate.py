@@ -26,6 +26,7 @@ estimate to within a third or so.
 """
 
 import json
+import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,12 +37,16 @@ BUDGETS = ("epochs", "experiment_epochs", "self_critical_epochs", "batch_size", 
 
 def photos_of_run(parameters):
     """(training photos, validation photos) the run will use, or None when that is unknown
-    before it starts (a folder of your own). COCO: the subset, split as download_coco splits it."""
+    before it starts (a folder of your own). COCO: the notebooks use every photo on disk, so the
+    subset to download (split as download_coco splits it), or more where DATA_DIR/train2017 or
+    val2017 already holds more (an older, larger default; all of COCO)."""
     dataset, data_dir = parameters["dataset"], Path(parameters["data_dir"])
     if dataset == "coco":
         from captioning.download import TRAIN_SHARE
-        train = round(parameters["subset_size"] * TRAIN_SHARE)
-        return train, parameters["subset_size"] - train
+        subset = parameters["subset_size"] if parameters.get("download") else 0
+        asked = {"train": round(subset * TRAIN_SHARE)}
+        asked["val"] = subset - asked["train"]
+        return tuple(max(count, _photos_in(data_dir / f"{split}2017")) for split, count in asked.items())
     if dataset == "flickr8k":
         from captioning.public_data import flickr8k_rows
         try:
@@ -51,6 +56,15 @@ def photos_of_run(parameters):
         photos = {(split, path) for _, _, path, _, split in rows if Path(path).is_file()}
         return tuple(sum(split == wanted for split, _ in photos) for wanted in ("train", "dev"))
     return None
+
+
+def _photos_in(folder):
+    """How many .jpg files a folder holds (0 when it does not exist): one listing, no stat per file."""
+    try:
+        with os.scandir(folder) as entries:
+            return sum(entry.name.endswith(".jpg") for entry in entries)
+    except FileNotFoundError:
+        return 0
 
 
 def notebook_seconds(course, speeds, encoder, train, validation):

@@ -16,8 +16,9 @@ from captioning.download import SUBSET_SIZE, TRAIN_SHARE  # noqa: E402
 
 COURSE = json.loads(estimate.COURSE.read_text())
 SPEEDS = json.loads(estimate.ENCODER_SPEEDS.read_text())
-ONLINE_DEFAULT = {"dataset": "coco", "data_dir": "data/coco", "subset_size": SUBSET_SIZE, "encoder": "inception_v3",
-                  "download": True}
+# A fresh download: no photo on disk yet (scripts/estimate.py counts the photos a folder already holds).
+ONLINE_DEFAULT = {"dataset": "coco", "data_dir": "/nonexistent/data/coco", "subset_size": SUBSET_SIZE,
+                  "encoder": "inception_v3", "download": True}
 ONLINE_PHOTOS = (round(SUBSET_SIZE * TRAIN_SHARE), SUBSET_SIZE - round(SUBSET_SIZE * TRAIN_SHARE))  # (train, val)
 
 
@@ -56,6 +57,24 @@ def test_the_line_names_the_run_and_the_budgets_params_change():
                                                                           "defaults' time")
     assert estimate.estimate_line(dict(ONLINE_DEFAULT, dataset="csv")) is None  # your own folder: unknown
     assert estimate.estimate_line(ONLINE_DEFAULT, course_file=REPO / "missing.json") is None
+
+
+def test_coco_photos_already_on_disk_count_where_there_are_more_than_the_subset(tmp_path):
+    # The notebooks train on every photo on disk: a folder holding an older, larger default's photos
+    # (2,000), or all of COCO, takes longer than the subset the run downloads.
+    for split, count in (("train", ONLINE_PHOTOS[0] + 160), ("val", 10)):
+        (tmp_path / f"{split}2017").mkdir()
+        for number in range(count):
+            (tmp_path / f"{split}2017" / f"{number:012d}.jpg").touch()
+    (tmp_path / "train2017" / "notes.txt").touch()  # not a photo
+    folder = dict(ONLINE_DEFAULT, data_dir=str(tmp_path))
+    assert estimate.photos_of_run(folder) == (ONLINE_PHOTOS[0] + 160, ONLINE_PHOTOS[1])
+    line = estimate.estimate_line(folder)
+    assert f"on {ONLINE_PHOTOS[0] + 160:,} training and {ONLINE_PHOTOS[1]:,} validation" in line
+    assert estimate.photos_of_run(dict(folder, download=False)) == (ONLINE_PHOTOS[0] + 160, 10)  # only what is there
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert estimate.estimate_line(dict(folder, data_dir=str(empty), download=False)) is None  # nothing to go by
 
 
 def test_a_course_benchmark_under_way_leaves_no_estimate_and_the_run_goes_on(tmp_path):
