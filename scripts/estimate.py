@@ -59,11 +59,12 @@ def photos_of_run(parameters):
 
 
 def _photos_in(folder):
-    """How many .jpg files a folder holds (0 when it does not exist): one listing, no stat per file."""
+    """How many .jpg files a folder holds (0 when it cannot be read: notebook 01 will say why): one
+    listing, no stat per file."""
     try:
         with os.scandir(folder) as entries:
             return sum(entry.name.endswith(".jpg") for entry in entries)
-    except FileNotFoundError:
+    except OSError:
         return 0
 
 

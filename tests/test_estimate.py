@@ -75,6 +75,8 @@ def test_coco_photos_already_on_disk_count_where_there_are_more_than_the_subset(
     empty = tmp_path / "empty"
     empty.mkdir()
     assert estimate.estimate_line(dict(folder, data_dir=str(empty), download=False)) is None  # nothing to go by
+    (empty / "train2017").write_text("a file, not a folder")
+    assert estimate.photos_of_run(dict(folder, data_dir=str(empty))) == ONLINE_PHOTOS  # notebook 01 says what is wrong
 
 
 def test_a_course_benchmark_under_way_leaves_no_estimate_and_the_run_goes_on(tmp_path):
