@@ -262,9 +262,16 @@ def subset_missing(data_dir, subset_size, split="both"):
     splits = ("train", "val") if split == "both" else (split,)
     if not all((data_dir / "annotations" / f"captions_{name}2017.json").is_file() for name in splits):
         return True
-    on_disk = sum(len(list((data_dir / f"{name}2017").glob("*.jpg"))) for name in splits
-                  if (data_dir / f"{name}2017").is_dir())
-    return on_disk < subset_size
+    return sum(photos_on_disk(data_dir, name) for name in splits) < subset_size
+
+
+def photos_on_disk(data_dir, split):
+    """How many .jpg files DATA_DIR/<split>2017 holds (0 if unreadable): one listing, no stat per file."""
+    try:
+        with os.scandir(Path(data_dir) / f"{split}2017") as entries:
+            return sum(entry.name.endswith(".jpg") and not entry.name.startswith(".") for entry in entries)
+    except OSError:
+        return 0
 
 
 @dataclasses.dataclass
@@ -328,15 +335,24 @@ def download_images(images, image_dir, *, base_url=None, workers=8, progress=Tru
 
 
 TRAIN_SHARE = 0.8  # split="both": this share of the subset is training images, the rest val
-# The default subset: what `make demo`, `make data`, notebook 01 and this module's command download.
-# It is the size at which the whole course with InceptionV3 is estimated to take about 45 minutes
-# on two CPU cores (scripts/estimate.py). More photos train better captioners and take longer; the
-# README says what the 200 photos fewer than 2,000 cost (docs/experiments.md, "A smaller COCO subset").
+
+# What make demo, make data and notebook 01 download: the course in about 45 min on two cores (scripts/estimate.py).
+# More photos train better captioners; README and docs/experiments.md ("A smaller COCO subset") say what 1,800 cost.
 SUBSET_SIZE = 1800
 
 
-def download_coco(data_dir, subset_size=SUBSET_SIZE, *, split="both", seed=0, base_url=None, workers=8, progress=True,
-                  **fetch_options):
+def subset_sizes(subset_size, split="both"):
+    """{split: images} that download_coco(data_dir, subset_size, split=split) fetches."""
+    if split not in ("train", "val", "both"):
+        raise ValueError(f"split must be 'train', 'val' or 'both', got {split!r}")
+    if split != "both":
+        return {split: subset_size}
+    train = round(subset_size * TRAIN_SHARE)
+    return {"train": train, "val": subset_size - train}
+
+
+def download_coco(data_dir, subset_size=SUBSET_SIZE, *, split="both", seed=0, base_url=None, workers=8,
+                  progress=True, **fetch_options):
     """Annotations (if missing) + a seeded subset of images into DATA_DIR/<split>2017/. Notebook 01.
 
     split="both" (the default) splits `subset_size` 80/20 between train2017
@@ -346,13 +362,7 @@ def download_coco(data_dir, subset_size=SUBSET_SIZE, *, split="both", seed=0, ba
     The caption files are only ever written whole (extracted to a temporary
     name after the zip's CRC check), so one on disk is a complete one.
     """
-    if split not in ("train", "val", "both"):
-        raise ValueError(f"split must be 'train', 'val' or 'both', got {split!r}")
-    if split == "both":
-        train_size = round(subset_size * TRAIN_SHARE)
-        sizes = {"train": train_size, "val": subset_size - train_size}
-    else:
-        sizes = {split: subset_size}
+    sizes = subset_sizes(subset_size, split)
     data_dir, base = Path(data_dir), coco_base_url(base_url)
     files = {name: data_dir / "annotations" / f"captions_{name}2017.json" for name in sizes}
     if not all(path.is_file() for path in files.values()):

@@ -26,7 +26,6 @@ estimate to within a third or so.
 """
 
 import json
-import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,11 +41,9 @@ def photos_of_run(parameters):
     val2017 already holds more (an older, larger default; all of COCO)."""
     dataset, data_dir = parameters["dataset"], Path(parameters["data_dir"])
     if dataset == "coco":
-        from captioning.download import TRAIN_SHARE
-        subset = parameters["subset_size"] if parameters.get("download") else 0
-        asked = {"train": round(subset * TRAIN_SHARE)}
-        asked["val"] = subset - asked["train"]
-        return tuple(max(count, _photos_in(data_dir / f"{split}2017")) for split, count in asked.items())
+        from captioning.download import photos_on_disk, subset_sizes
+        asked = subset_sizes(parameters["subset_size"] if parameters.get("download") else 0)
+        return tuple(max(count, photos_on_disk(data_dir, split)) for split, count in asked.items())
     if dataset == "flickr8k":
         from captioning.public_data import flickr8k_rows
         try:
@@ -56,16 +53,6 @@ def photos_of_run(parameters):
         photos = {(split, path) for _, _, path, _, split in rows if Path(path).is_file()}
         return tuple(sum(split == wanted for split, _ in photos) for wanted in ("train", "dev"))
     return None
-
-
-def _photos_in(folder):
-    """How many .jpg files a folder holds (0 when it cannot be read: notebook 01 will say why): one
-    listing, no stat per file."""
-    try:
-        with os.scandir(folder) as entries:
-            return sum(entry.name.endswith(".jpg") for entry in entries)
-    except OSError:
-        return 0
 
 
 def notebook_seconds(course, speeds, encoder, train, validation):

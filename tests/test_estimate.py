@@ -12,14 +12,14 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "scripts"))
 import estimate  # noqa: E402
 
-from captioning.download import SUBSET_SIZE, TRAIN_SHARE  # noqa: E402
+from captioning.download import SUBSET_SIZE, subset_sizes  # noqa: E402
 
 COURSE = json.loads(estimate.COURSE.read_text())
 SPEEDS = json.loads(estimate.ENCODER_SPEEDS.read_text())
 # A fresh download: no photo on disk yet (scripts/estimate.py counts the photos a folder already holds).
 ONLINE_DEFAULT = {"dataset": "coco", "data_dir": "/nonexistent/data/coco", "subset_size": SUBSET_SIZE,
                   "encoder": "inception_v3", "download": True}
-ONLINE_PHOTOS = (round(SUBSET_SIZE * TRAIN_SHARE), SUBSET_SIZE - round(SUBSET_SIZE * TRAIN_SHARE))  # (train, val)
+ONLINE_PHOTOS = tuple(subset_sizes(SUBSET_SIZE).values())  # (train, val)
 
 
 def test_the_benchmark_s_own_run_comes_out_as_it_was_measured():

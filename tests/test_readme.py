@@ -131,15 +131,15 @@ def test_make_demo_with_its_defaults_downloads_trains_captions_and_resumes(coco_
     executed = assert_taught(runs)
     assert re.search(r"wall time: 01 \d+ s, .*06 \d+ s; total \d+ s", result.stdout), result.stdout[-2000:]
     assert_05_took_03s_merge_model(executed[4], work_dir)
-    train, val = round(download.SUBSET_SIZE * download.TRAIN_SHARE), download.SUBSET_SIZE - round(
-        download.SUBSET_SIZE * download.TRAIN_SHARE)  # SUBSET unset: the package's default subset, 80/20
+    sizes = download.subset_sizes(download.SUBSET_SIZE)  # SUBSET unset: the package's default subset, 80/20
+    train, val = sizes["train"], sizes["val"]
     assert_estimate_said_first(result.stdout, f"on {train:,} training and {val:,} validation photos with inception_v3, "
                                               "plus the download")
 
     # What came down: each photo of the seeded subset that the mirror has, once; the rest 404.
     subset = {split: {image["file_name"] for image in download.choose_subset(
         data_dir / "annotations" / f"captions_{split}2017.json", size)}
-        for split, size in (("train", train), ("val", val))}
+        for split, size in sizes.items()}
     available = {split: {path.split("/")[-1] for path in server.files if path.startswith(f"/{split}2017/")}
                  for split in subset}
     on_disk = {split: {path.name for path in (data_dir / f"{split}2017").glob("*.jpg")} for split in subset}
